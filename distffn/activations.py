@@ -1,0 +1,171 @@
+"""Hidden-layer activations: forward ``a = f(z)`` and backward ``dz = f'(z) * da``.
+
+Each activation writes into buffers the caller owns, so a training step allocates nothing
+after the first batch of a given size. ``xp`` is NumPy or CuPy.
+"""
+from __future__ import annotations
+
+from .errors import UserError
+
+
+class Activation:
+    """Elementwise activation. ``pieces`` > 1 means z has that many columns per unit (maxout)."""
+
+    name = "base"
+    pieces = 1
+    learnable = False           # PReLU: one slope per unit, stored as parameter ``alpha<i>``
+
+    def forward(self, xp, z, a, alpha=None):
+        raise NotImplementedError
+
+    def backward(self, xp, z, a, da, dz, alpha=None, dalpha=None):
+        """Write ``dL/dz`` into ``dz`` (may alias ``da``); add ``dL/dalpha`` summed over rows."""
+        raise NotImplementedError
+
+
+class Sigmoid(Activation):
+    name = "sigmoid"
+
+    def forward(self, xp, z, a, alpha=None):
+        # 0.5 * (1 + tanh(z / 2)) equals 1 / (1 + exp(-z)) without overflow for large |z|
+        xp.multiply(z, 0.5, out=a)
+        xp.tanh(a, out=a)
+        a += 1.0
+        a *= 0.5
+
+    def backward(self, xp, z, a, da, dz, alpha=None, dalpha=None):
+        xp.multiply(da, a * (1.0 - a), out=dz)
+
+
+class Tanh(Activation):
+    name = "tanh"
+
+    def forward(self, xp, z, a, alpha=None):
+        xp.tanh(z, out=a)
+
+    def backward(self, xp, z, a, da, dz, alpha=None, dalpha=None):
+        xp.multiply(da, 1.0 - a * a, out=dz)
+
+
+class ReLU(Activation):
+    name = "relu"
+
+    def forward(self, xp, z, a, alpha=None):
+        xp.maximum(z, 0, out=a)
+
+    def backward(self, xp, z, a, da, dz, alpha=None, dalpha=None):
+        xp.multiply(da, z > 0, out=dz)
+
+
+class LeakyReLU(Activation):
+    name = "leaky_relu"
+
+    def __init__(self, slope: float):
+        self.slope = slope
+
+    def forward(self, xp, z, a, alpha=None):
+        xp.multiply(z, xp.where(z > 0, 1.0, self.slope).astype(z.dtype), out=a)
+
+    def backward(self, xp, z, a, da, dz, alpha=None, dalpha=None):
+        xp.multiply(da, xp.where(z > 0, 1.0, self.slope).astype(z.dtype), out=dz)
+
+
+class PReLU(Activation):
+    """Leaky ReLU whose negative slope ``alpha`` (one per unit) is learned."""
+
+    name = "prelu"
+    learnable = True
+
+    def forward(self, xp, z, a, alpha=None):
+        xp.multiply(z, xp.where(z > 0, 1.0, alpha).astype(z.dtype), out=a)
+
+    def backward(self, xp, z, a, da, dz, alpha=None, dalpha=None):
+        # da/dalpha = z where z <= 0: gradient summed over the batch rows
+        dalpha += (da * xp.minimum(z, 0)).sum(axis=0)
+        xp.multiply(da, xp.where(z > 0, 1.0, alpha).astype(z.dtype), out=dz)
+
+
+class Abs(Activation):
+    name = "abs"
+
+    def forward(self, xp, z, a, alpha=None):
+        xp.abs(z, out=a)
+
+    def backward(self, xp, z, a, da, dz, alpha=None, dalpha=None):
+        xp.multiply(da, xp.sign(z), out=dz)
+
+
+class Softplus(Activation):
+    name = "softplus"
+
+    def forward(self, xp, z, a, alpha=None):
+        xp.logaddexp(0, z, out=a)        # log(1 + e^z) without overflow
+
+    def backward(self, xp, z, a, da, dz, alpha=None, dalpha=None):
+        # softplus'(z) = sigmoid(z) = 1 - exp(-a), read off the stored output
+        xp.multiply(da, -xp.expm1(-a), out=dz)
+
+
+class Maxout(Activation):
+    """Each unit outputs the max of ``pieces`` linear pieces (columns j*k .. j*k+k-1 of z)."""
+
+    name = "maxout"
+
+    def __init__(self, pieces: int):
+        self.pieces = pieces
+
+    def forward(self, xp, z, a, alpha=None):
+        n = z.shape[0]
+        z.reshape(n, -1, self.pieces).max(axis=2, out=a)
+
+    def backward(self, xp, z, a, da, dz, alpha=None, dalpha=None):
+        n, k = z.shape[0], self.pieces
+        winner = z.reshape(n, -1, k).argmax(axis=2)
+        # the gradient flows only into the winning piece of each unit
+        onehot = xp.arange(k) == winner[:, :, None]
+        xp.multiply(onehot, da[:, :, None], out=dz.reshape(n, -1, k))
+
+
+class Linear(Activation):
+    name = "linear"
+
+    def forward(self, xp, z, a, alpha=None):
+        a[...] = z
+
+    def backward(self, xp, z, a, da, dz, alpha=None, dalpha=None):
+        if dz is not da:
+            dz[...] = da
+
+
+class _ZeroGradient(Activation):
+    """Threshold units from the lectures: fine for inference, impossible to train by backprop."""
+
+    def backward(self, xp, z, a, da, dz, alpha=None, dalpha=None):
+        raise UserError(f"activation {self.name!r} has zero gradient almost everywhere and "
+                        f"cannot be trained by backpropagation")
+
+
+class Sign(_ZeroGradient):
+    name = "sign"
+
+    def forward(self, xp, z, a, alpha=None):
+        xp.sign(z, out=a)
+
+
+class Step(_ZeroGradient):
+    name = "step"
+
+    def forward(self, xp, z, a, alpha=None):
+        xp.greater(z, 0, out=a)
+
+
+def make_activation(name: str, leaky_slope: float = 0.01, maxout_pieces: int = 2) -> Activation:
+    """The activation called ``name`` in a job spec."""
+    table = {
+        "sigmoid": Sigmoid, "tanh": Tanh, "relu": ReLU, "abs": Abs, "softplus": Softplus,
+        "linear": Linear, "prelu": PReLU, "sign": Sign, "step": Step,
+        "leaky_relu": lambda: LeakyReLU(leaky_slope), "maxout": lambda: Maxout(maxout_pieces),
+    }
+    if name not in table:
+        raise UserError(f"model.activation: unknown activation {name!r}")
+    return table[name]()

@@ -1,0 +1,114 @@
+"""``distffn`` command line: run, eval and plot.
+
+Exit codes: 0 success, 2 a user error (one message on stderr, no traceback), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+
+EPILOG = """\
+examples:
+  distffn run jobs/digits-mlp.yaml
+  distffn run jobs/fashion-mnist-mlp.yaml --set training.epochs=5 --out runs/quick
+  distffn run jobs/fashion-mnist-mlp.yaml --set scaling.backend=ray --set scaling.num_workers=4
+  distffn run jobs/fashion-mnist-mlp.yaml --resume
+  distffn eval runs/digits-mlp/checkpoints/step-00000600.npz
+  distffn plot runs/digits-mlp
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="distffn", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Data-parallel mini-batch SGD for feed-forward networks: train from a YAML "
+                    "job spec on 1 or N workers (local, Ray or MPI), evaluate checkpoints, "
+                    "plot learning curves.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train a job spec and write its run directory",
+                         description="Train the network described by JOB.yaml. Writes OUT/job.yaml "
+                                     "(the resolved spec), metrics.jsonl (one line per epoch), "
+                                     "summary.json and checkpoints/step-XXXXXXXX.npz.")
+    run.add_argument("job", metavar="JOB.yaml", help="the job spec")
+    run.add_argument("--out", metavar="DIR", help="run directory (default: runs/<name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override one field of the job spec, e.g. --set training.epochs=5 "
+                          "(repeatable; VALUE is read as YAML)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest valid checkpoint in the run directory; the result "
+                          "equals an uninterrupted run (the worker count may change)")
+    run.add_argument("--no-progress", action="store_true", help="never draw the progress bar")
+
+    ev = sub.add_parser("eval", help="print the test loss and accuracy of a checkpoint",
+                        description="Evaluate CHECKPOINT.npz on its job's held-out test split.")
+    ev.add_argument("checkpoint", metavar="CHECKPOINT.npz")
+    ev.add_argument("--job", metavar="JOB.yaml",
+                    help="take the data section from this spec instead of the checkpoint's own "
+                         "(its model section must match the checkpoint)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one field of the job spec (e.g. data.path=...)")
+
+    pl = sub.add_parser("plot", help="write PNG learning curves and first-layer weights of a run",
+                        description="Write RUN_DIR/curves.png (train/test loss and accuracy per "
+                                    "epoch) and, for image data, RUN_DIR/weights.png.")
+    pl.add_argument("run_dir", metavar="RUN_DIR")
+    return p
+
+
+def cmd_run(args) -> int:
+    from .config import load_job
+    from .launch import maybe_relaunch_under_mpi
+    from .trainer import Trainer
+
+    job = load_job(args.job, args.overrides)
+    relaunched = maybe_relaunch_under_mpi(job, sys.argv)
+    if relaunched is not None:
+        return relaunched
+    out = args.out or os.path.join("runs", job.name)
+    progress = False if args.no_progress else (sys.stdout.isatty() and sys.stderr.isatty())
+    trainer = Trainer(job, out, resume=args.resume, progress=progress)
+    summary = trainer.run()
+    if trainer.is_root:
+        acc = summary.get("test_accuracy")
+        acc_text = "" if acc is None else f", test accuracy {100 * acc:.2f}%"
+        print(f"done: {summary['step']} steps in {summary['wall_time_s']:.1f} s, test loss "
+              f"{summary['test_loss']:.4f}{acc_text}; run directory {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    r = evaluate_checkpoint(args.checkpoint, args.job, args.overrides)
+    acc = "" if r["test_accuracy"] is None else \
+        f"  test accuracy {100 * r['test_accuracy']:.2f}% ({r['test_correct']}/{r['test_count']})"
+    print(f"{args.checkpoint}: step {r['step']}  test loss {r['test_loss']:.4f}{acc}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "eval": cmd_eval, "plot": cmd_plot}[args.command](args)
+    except UserError as e:
+        print(f"distffn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distffn: interrupted; continue with `distffn run JOB.yaml --resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

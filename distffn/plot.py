@@ -1,0 +1,230 @@
+"""``distffn plot RUN_DIR``: learning curves and first-layer weight images as PNG files.
+
+* ``curves.png`` -- loss (and, for classification, accuracy) per epoch for the training and
+  test sets side by side, so a widening train/test gap (overtraining) is visible at a glance.
+* ``weights.png`` -- for image datasets, the incoming weights of the first hidden units
+  reshaped to the image, from the newest checkpoint ("visualizing neural network weights").
+
+Only matplotlib's object-oriented ``Figure`` API with the Agg canvas is used: no pyplot global
+state, no display needed, nothing left open.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import matplotlib
+import numpy as np
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .checkpoint import list_checkpoints, newest_valid_checkpoint
+from .errors import UserError
+
+DPI = 120
+MAX_UNITS = 100  # weight tiles shown in weights.png
+
+
+def read_epochs(metrics_path: str) -> list[dict]:
+    """The ``"event": "epoch"`` records of a ``metrics.jsonl`` file, ordered by epoch.
+
+    Lines that do not parse (a run killed mid-write) and other events are skipped. If an
+    epoch appears more than once (a run resumed from an earlier checkpoint), the last record
+    wins, since it belongs to the run that continued.
+    """
+    by_epoch: dict[int, dict] = {}
+    with open(metrics_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("event") == "epoch" and "epoch" in rec:
+                try:
+                    by_epoch[int(rec["epoch"])] = rec
+                except (TypeError, ValueError):
+                    continue
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _series(epochs: list[dict], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
+    """(epoch numbers, values) for ``key``, leaving out epochs where it is absent or null."""
+    xs, ys = [], []
+    for rec in epochs:
+        v = rec.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            xs.append(int(rec["epoch"]))
+            ys.append(float(v) * scale)
+    return xs, ys
+
+
+def _save(fig: Figure, path: str) -> None:
+    FigureCanvasAgg(fig)  # attach an Agg canvas explicitly; no GUI backend is ever touched
+    fig.savefig(path, dpi=DPI)
+
+
+def _label_side(xs: list[int], i: int, dy: float) -> dict:
+    """Annotation style: text right of point ``i``, or left of it in the right half, so it stays inside."""
+    right_half = xs[i] > (xs[0] + xs[-1]) / 2
+    return dict(xytext=(-12 if right_half else 12, dy), ha="right" if right_half else "left",
+                textcoords="offset points", fontsize=8,
+                bbox=dict(boxstyle="round", fc="white", ec="gray", alpha=0.85),
+                arrowprops=dict(arrowstyle="->", color="gray"))
+
+
+def plot_curves(epochs: list[dict], title: str, path: str) -> str:
+    """Write the loss / accuracy per epoch figure to ``path`` and return ``path``."""
+    has_acc = any(_series(epochs, k)[0] for k in ("train_accuracy", "test_accuracy"))
+    fig = Figure(figsize=(12, 4.8) if has_acc else (6.5, 4.8))
+    axes = fig.subplots(1, 2 if has_acc else 1, squeeze=False)[0]
+    style = {"train": dict(color="tab:blue", marker="o", ms=3), "test": dict(color="tab:orange", marker="s", ms=3)}
+
+    ax = axes[0]
+    all_losses = []
+    for split in ("train", "test"):
+        xs, ys = _series(epochs, f"{split}_loss")
+        all_losses += ys
+        if xs:
+            ax.plot(xs, ys, label=f"{split} loss", **style[split])
+    # log scale shows late-training differences, but only makes sense for positive losses
+    if all_losses and min(all_losses) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
+    ax.set_title("loss per epoch")
+    xs, ys = _series(epochs, "test_loss")
+    if xs:  # the best test loss marks where further training starts to overfit
+        i = int(np.argmin(ys))
+        ax.axvline(xs[i], color="gray", ls=":", lw=1)
+        ax.annotate(f"best test loss {ys[i]:.4g}\n(epoch {xs[i]})", (xs[i], ys[i]),
+                    **_label_side(xs, i, 18))
+
+    if has_acc:
+        ax = axes[1]
+        for split in ("train", "test"):
+            xs, ys = _series(epochs, f"{split}_accuracy", 100.0)
+            if xs:
+                ax.plot(xs, ys, label=f"{split} accuracy", **style[split])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("accuracy per epoch")
+        xs, ys = _series(epochs, "test_accuracy", 100.0)
+        if xs:
+            i = int(np.argmax(ys))  # first epoch reaching the best value
+            ax.axvline(xs[i], color="gray", ls=":", lw=1)
+            ax.annotate(f"best test accuracy {ys[i]:.2f}%\n(epoch {xs[i]})", (xs[i], ys[i]),
+                        **_label_side(xs, i, -36))
+
+    for ax in axes:
+        ax.grid(True, which="major", alpha=0.4)
+        ax.grid(True, which="minor", alpha=0.15)
+        if ax.get_legend_handles_labels()[0]:  # a diverged run may have no finite loss to show
+            ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title if has_acc else f"{title} (regression: no accuracy)")
+    fig.tight_layout()
+    _save(fig, path)
+    return path
+
+
+def weight_mosaic(w0: np.ndarray, image_shape: tuple[int, int], max_units: int = MAX_UNITS) -> np.ndarray:
+    """Tile the first ``max_units`` columns of ``w0`` as images into one 2-D array.
+
+    Each tile is divided by its own largest absolute weight, so it spans [-1, 1] symmetrically
+    around 0 (0 stays the colormap's neutral centre); the one-pixel gaps between tiles are NaN.
+    """
+    h, w = image_shape
+    cols = np.asarray(w0, dtype=np.float64)[:, :max_units]
+    n = cols.shape[1]
+    ncol = math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    mosaic = np.full((nrow * (h + 1) - 1, ncol * (w + 1) - 1), np.nan)
+    for j in range(n):
+        tile = cols[:, j].reshape(h, w)  # row-major, as the images were flattened
+        peak = np.max(np.abs(tile))
+        r, c = divmod(j, ncol)
+        mosaic[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = tile / peak if peak > 0 else tile
+    return mosaic
+
+
+def plot_weights(w0: np.ndarray, image_shape: tuple[int, int], title: str, path: str) -> str:
+    """Write the first-layer weight tiles to ``path`` and return ``path``."""
+    mosaic = weight_mosaic(w0, image_shape)
+    fig = Figure(figsize=(8.4, 7.6), layout="constrained")
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="white")
+    im = ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    cbar.set_label("weight / max |weight| of the unit (blue < 0 < red)")
+    _save(fig, path)
+    return path
+
+
+def _read_job(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "job.yaml")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            job = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({e})") from None
+    return job if isinstance(job, dict) else {}
+
+
+def _image_shape(job: dict):
+    """The dataset's image shape if the first layer takes whole images, else None."""
+    from .data import IMAGE_SHAPES
+
+    shape = IMAGE_SHAPES.get((job.get("data") or {}).get("dataset"))
+    layers = (job.get("model") or {}).get("layers") or []
+    if shape is None or not layers or layers[0] != math.prod(shape):
+        return None
+    return tuple(shape)
+
+
+def plot_run(run_dir: str) -> list[str]:
+    """Write PNGs into ``run_dir`` and return their paths.
+
+    Always writes ``curves.png`` from ``metrics.jsonl``. Writes ``weights.png`` as well when
+    the job's dataset has an image shape that matches the input layer and a readable
+    checkpoint exists: the newest checkpoint that loads and verifies is used (a damaged newer
+    one is passed over, like ``--resume`` does) and its step is named in the title. No
+    checkpoint at all, or none readable, means no ``weights.png``, silently: the curves are
+    the essential output and a run may be plotted before its first checkpoint.
+
+    Raises :class:`UserError` if ``run_dir`` is not a folder, has no ``metrics.jsonl``, that
+    file has no completed epoch yet, or ``job.yaml`` is not valid YAML.
+    """
+    if not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir}: no such run folder")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        raise UserError(f"{metrics}: not found; is {run_dir} a distffn run folder?")
+    epochs = read_epochs(metrics)
+    if not epochs:
+        raise UserError(f"{metrics}: no completed epoch yet, nothing to plot")
+
+    job = _read_job(run_dir)
+    name = job.get("name") or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
+    written = [plot_curves(epochs, str(name), os.path.join(run_dir, "curves.png"))]
+
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if list_checkpoints(ckpt_dir):
+        found = newest_valid_checkpoint(ckpt_dir)
+        if found is not None:
+            _, arrays, meta = found
+            # job.yaml may be missing (copied checkpoints); the checkpoint carries the spec too
+            shape = _image_shape(job or meta.get("job") or {})
+            w0 = arrays.get("W0")
+            if shape is not None and w0 is not None and w0.ndim == 2 and w0.shape[0] == math.prod(shape):
+                n = min(MAX_UNITS, w0.shape[1])
+                title = (f"{name}: first-layer weights (W0), checkpoint step {meta.get('step', '?')}\n"
+                         f"incoming weights of {n} of {w0.shape[1]} hidden units")
+                written.append(plot_weights(w0, shape, title, os.path.join(run_dir, "weights.png")))
+    return written

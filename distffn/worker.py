@@ -1,0 +1,70 @@
+"""A worker: forward and backward pass on its shard of every global mini-batch.
+
+The same class runs in-process, inside a Ray actor or on an MPI rank. It returns ΔΘ summed
+over its shard (the aggregator divides by the global batch size, which weights every shard by
+its sample count) and keeps its running loss/accuracy totals on the device until asked.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import JobConfig
+from .model import MLP
+from .sharding import batch_bounds, epoch_permutation, shard_bounds
+
+
+class Worker:
+    def __init__(self, job: JobConfig, x_train, t_train, labels_train, rank: int = 0,
+                 num_workers: int = 1, xp=np):
+        self.job, self.rank, self.num_workers, self.xp = job, rank, num_workers, xp
+        self.model = MLP(job.model, xp)
+        # the dataset stays where it is (host memory, the Ray object store or the GPU)
+        self.x, self.t, self.labels = xp.asarray(x_train), xp.asarray(t_train), (
+            None if labels_train is None else xp.asarray(labels_train))
+        self.n = self.x.shape[0]
+        self.grad = xp.zeros(self.model.num_params, self.model.dtype)
+        self.grad_views = self.model.layout.views(self.grad)
+        self._theta_views = (None, None)
+        self._perm = (None, None)
+        self.reset_stats()
+
+    def reset_stats(self):
+        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+
+    def pop_stats(self) -> tuple[float, int, int]:
+        """Host copies of (loss sum, correct, samples) since the last call: one sync."""
+        out = (float(self.loss_sum), int(self.correct), int(self.count))
+        self.reset_stats()
+        return out
+
+    def params(self, theta) -> dict:
+        """Per-layer views of ``theta``, cached while the same buffer comes back every step."""
+        if self._theta_views[0] is not theta:
+            self._theta_views = (theta, self.model.layout.views(theta))
+        return self._theta_views[1]
+
+    def shard_indices(self, epoch: int, batch_index: int) -> np.ndarray:
+        if self._perm[0] != epoch:
+            self._perm = (epoch, epoch_permutation(self.job.training.seed, epoch, self.n))
+        start, stop = batch_bounds(self.n, self.job.training.batch_size, batch_index)
+        lo, hi = shard_bounds(stop - start, self.num_workers, self.rank)
+        return self._perm[1][start + lo:start + hi]
+
+    def compute(self, theta, epoch: int, batch_index: int):
+        """ΔΘ summed over this worker's shard of global batch ``batch_index`` of ``epoch``."""
+        xp = self.xp
+        idx = self.shard_indices(epoch, batch_index)
+        if len(idx) == 0:                  # a short last batch can leave a worker nothing
+            self.grad[...] = 0
+            return self.grad
+        if xp is not np:
+            idx = xp.asarray(idx)
+        x = xp.take(self.x, idx, axis=0)
+        t = xp.take(self.t, idx, axis=0)
+        labels = None if self.labels is None else xp.take(self.labels, idx, axis=0)
+        loss, correct = self.model.loss_and_grad(self.params(theta), self.grad_views, x, t, labels)
+        self.loss_sum += loss.astype(np.float64)   # float32 sums drift over an epoch
+        if correct is not None:
+            self.correct += correct
+        self.count += len(idx)
+        return self.grad

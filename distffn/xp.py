@@ -1,0 +1,34 @@
+"""Array backends: NumPy on a CPU, CuPy on a GPU, chosen once and passed around as ``xp``."""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import UserError
+
+
+def get_array_module(use_gpu: bool):
+    """NumPy, or CuPy when ``use_gpu``; a clear error if CuPy or a GPU is missing."""
+    if not use_gpu:
+        return np
+    try:
+        import cupy
+    except ImportError:
+        raise UserError("scaling.use_gpu: true needs CuPy; install it with "
+                        "pip install -e \".[gpu]\" (CUDA 12) or \".[gpu-cuda13]\"") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDA driver missing or broken
+        raise UserError(f"scaling.use_gpu: true, but CuPy finds no usable CUDA device ({e})") from None
+    if count < 1:
+        raise UserError("scaling.use_gpu: true, but no CUDA GPU is visible")
+    return cupy
+
+
+def to_numpy(a):
+    """A NumPy view or copy of ``a`` (a no-op for NumPy arrays)."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+
+
+def xp_of(a):
+    """The array module an array belongs to."""
+    return np if isinstance(a, np.ndarray) else __import__("cupy").get_array_module(a)

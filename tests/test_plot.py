@@ -1,0 +1,176 @@
+"""Tests for distffn.plot: curves.png / weights.png from a fake run folder."""
+import json
+import os
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import yaml
+
+from distffn.checkpoint import checkpoint_name, save_checkpoint
+from distffn.errors import UserError
+from distffn.plot import plot_run, read_epochs, weight_mosaic
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _job(dataset="digits", layers=(64, 16, 10)):
+    return {
+        "name": f"test-{dataset}",
+        "data": {"dataset": dataset},
+        "model": {"layers": list(layers), "activation": "relu", "output": "softmax", "loss": "cross_entropy"},
+    }
+
+
+def _epoch(e, classification=True):
+    rec = {"event": "epoch", "epoch": e, "step": 10 * e, "lr": 0.1, "train_loss": 1.0 / e,
+           "test_loss": 1.0 / e + 0.05 * e, "samples_per_s": 1000.0, "elapsed_s": float(e)}
+    if classification:
+        rec.update(train_accuracy=0.7 + 0.1 * e, test_accuracy=[0.7, 0.85, 0.8][e - 1])
+    return rec
+
+
+def _params(fan_in=64, hidden=16, out=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"W0": rng.standard_normal((fan_in, hidden)).astype("float32"), "b0": np.zeros(hidden, "float32"),
+            "W1": rng.standard_normal((hidden, out)).astype("float32"), "b1": np.zeros(out, "float32")}
+
+
+def make_run(root, job=None, classification=True, checkpoint=True):
+    job = job or _job()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "job.yaml").write_text(yaml.safe_dump(job))
+    lines = [json.dumps({"event": "start", "time": 0})]
+    lines += [json.dumps(_epoch(e, classification)) for e in (1, 2, 3)]
+    lines.insert(2, json.dumps({"event": "step", "step": 5, "loss": 0.5}))
+    text = "\n".join(lines) + "\n" + '{"event": "epoch", "epoch": 4, "train_lo'  # killed mid-write
+    (root / "metrics.jsonl").write_text(text)
+    if checkpoint:
+        save_checkpoint(str(root / "checkpoints" / checkpoint_name(10)), _params(job["model"]["layers"][0]),
+                        {"job": job, "step": 10, "epoch": 1})
+    return root
+
+
+def assert_png(path):
+    assert os.path.isfile(path)
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    colours = np.unique(img.reshape(-1, img.shape[2]), axis=0)
+    assert len(colours) > 1
+    return img
+
+
+def test_classification_run_writes_curves_and_weights(tmp_path):
+    run = make_run(tmp_path / "run")
+    paths = plot_run(str(run))
+    assert [os.path.basename(p) for p in paths] == ["curves.png", "weights.png"]
+    for p in paths:
+        assert_png(p)
+    # a diverging colormap: weights.png has both reddish and bluish pixels
+    img = assert_png(paths[1])[..., :3]
+    assert np.any((img[..., 0] - img[..., 2]) > 0.3) and np.any((img[..., 2] - img[..., 0]) > 0.3)
+
+
+def test_read_epochs_skips_other_events_and_truncated_line(tmp_path):
+    run = make_run(tmp_path / "run")
+    epochs = read_epochs(str(run / "metrics.jsonl"))
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+
+
+def test_read_epochs_last_record_of_a_repeated_epoch_wins(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    recs = [_epoch(1), _epoch(2), dict(_epoch(2), train_loss=0.123), _epoch(3)]
+    path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    epochs = read_epochs(str(path))
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert epochs[1]["train_loss"] == 0.123
+
+
+def test_regression_run_writes_only_curves(tmp_path):
+    job = _job("sine", (1, 16, 1))
+    run = make_run(tmp_path / "run", job=job, classification=False)
+    paths = plot_run(str(run))
+    assert [os.path.basename(p) for p in paths] == ["curves.png"]
+    assert_png(paths[0])
+    assert not (run / "weights.png").exists()
+
+
+def test_null_accuracies_are_treated_as_regression(tmp_path):
+    run = make_run(tmp_path / "run", job=_job("sine", (1, 16, 1)), classification=False)
+    lines = [json.dumps(dict(_epoch(e, False), train_accuracy=None, test_accuracy=None)) for e in (1, 2)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert_png(plot_run(str(run))[0])
+
+
+def test_no_checkpoint_means_no_weights(tmp_path):
+    run = make_run(tmp_path / "run", checkpoint=False)
+    assert [os.path.basename(p) for p in plot_run(str(run))] == ["curves.png"]
+
+
+def test_damaged_checkpoint_skips_weights_but_writes_curves(tmp_path):
+    run = make_run(tmp_path / "run", checkpoint=False)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / checkpoint_name(20)).write_bytes(b"PK\x03\x04 not really a zip")
+    assert [os.path.basename(p) for p in plot_run(str(run))] == ["curves.png"]
+
+
+def test_newest_readable_checkpoint_is_used(tmp_path):
+    run = make_run(tmp_path / "run")  # valid step 10
+    (run / "checkpoints" / checkpoint_name(20)).write_bytes(b"garbage")  # newer but damaged
+    paths = plot_run(str(run))
+    assert [os.path.basename(p) for p in paths] == ["curves.png", "weights.png"]
+
+
+def test_input_layer_not_matching_image_shape_means_no_weights(tmp_path):
+    job = _job("digits", (32, 16, 10))  # e.g. a feature-selected input, not whole images
+    run = make_run(tmp_path / "run", job=job)
+    assert [os.path.basename(p) for p in plot_run(str(run))] == ["curves.png"]
+
+
+def test_weight_mosaic_tiles_are_reshaped_columns_scaled_per_unit():
+    rng = np.random.default_rng(1)
+    w0 = np.asfortranarray(rng.standard_normal((64, 5)))
+    w0[:, 3] *= 50.0  # a large unit must not wash out the others
+    m = weight_mosaic(w0, (8, 8))
+    # 5 tiles -> 3 columns x 2 rows of 8x8 tiles with 1-pixel NaN gaps
+    assert m.shape == (2 * 9 - 1, 3 * 9 - 1)
+    for j in range(5):
+        r, c = divmod(j, 3)
+        tile = m[r * 9:r * 9 + 8, c * 9:c * 9 + 8]
+        expected = w0[:, j].reshape(8, 8) / np.abs(w0[:, j]).max()
+        np.testing.assert_allclose(tile, expected)
+        assert np.nanmax(np.abs(tile)) == pytest.approx(1.0)
+    assert np.isnan(m[8, :]).all() and np.isnan(m[:, 8]).all()
+    assert np.isnan(m[9:, 18:]).all()  # the unused sixth slot stays blank
+
+
+def test_weight_mosaic_shows_at_most_100_units():
+    w0 = np.ones((64, 250))  # e.g. maxout: fan_out * pieces columns
+    m = weight_mosaic(w0, (8, 8))
+    assert m.shape == (10 * 9 - 1, 10 * 9 - 1)
+    assert np.count_nonzero(~np.isnan(m)) == 100 * 64
+
+
+def test_missing_run_dir_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="nope"):
+        plot_run(str(tmp_path / "nope"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="file"):
+        plot_run(str(tmp_path / "file"))
+
+
+def test_missing_metrics_is_user_error(tmp_path):
+    run = make_run(tmp_path / "run")
+    os.unlink(run / "metrics.jsonl")
+    with pytest.raises(UserError, match="metrics.jsonl"):
+        plot_run(str(run))
+
+
+def test_no_epoch_lines_is_user_error(tmp_path):
+    run = make_run(tmp_path / "run")
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "start"}) + "\n" + '{"event": "ep')
+    with pytest.raises(UserError, match="no completed epoch"):
+        plot_run(str(run))
+    assert not (run / "curves.png").exists()
