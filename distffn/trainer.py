@@ -136,7 +136,9 @@ class Trainer:
                 if root:
                     self._save(state, theta, velocity)      # step 0: every run can be replayed
             backend.init_state(theta, velocity, state.step)
-            return self._loop(backend, ds, state, t_start)
+            # overflow is caught explicitly (TrainingDiverged), not by NumPy warnings on stderr
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                return self._loop(backend, ds, state, t_start)
         finally:
             backend.close()
 
