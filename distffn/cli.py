@@ -65,7 +65,7 @@ def cmd_run(args) -> int:
     from .trainer import Trainer
 
     job = load_job(args.job, args.overrides)
-    relaunched = maybe_relaunch_under_mpi(job, sys.argv)
+    relaunched = maybe_relaunch_under_mpi(job, args.argv)
     if relaunched is not None:
         return relaunched
     out = args.out or os.path.join("runs", job.name)
@@ -98,16 +98,41 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _abort_mpi_world(code: int):
+    """One failing rank ends every rank at once, instead of leaving them blocked in a collective."""
+    from .backends.mpi import under_mpi, world
+    if under_mpi():
+        comm = world().COMM_WORLD
+        if comm.Get_size() > 1:
+            sys.stderr.flush()
+            comm.Abort(code)
+
+
+def _rank_prefix() -> str:
+    rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK")
+    return f"(rank {rank}) " if rank not in (None, "0") else ""
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return {"run": cmd_run, "eval": cmd_eval, "plot": cmd_plot}[args.command](args)
     except UserError as e:
-        print(f"distffn: error: {e}", file=sys.stderr)
+        print(f"distffn: error: {_rank_prefix()}{e}", file=sys.stderr)
+        _abort_mpi_world(2)
         return 2
     except KeyboardInterrupt:
         print("distffn: interrupted; continue with `distffn run JOB.yaml --resume`", file=sys.stderr)
         return 130
+    except Exception as e:                       # a worker's failure: name it, end the job fast
+        from .backends.mpi import WorkerTimeout
+        if isinstance(e, WorkerTimeout) or _rank_prefix():
+            print(f"distffn: error: {_rank_prefix()}{type(e).__name__}: {e}", file=sys.stderr)
+            _abort_mpi_world(1)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

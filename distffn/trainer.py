@@ -121,13 +121,13 @@ class Trainer:
         backend = make_backend(job, data)
         root = self.is_root = backend.is_root
         try:
+            resumed = None
             if root:
                 self._prepare_dir()
-            resumed = self._load_resume_state() if self.resume else None
+                resumed = self._load_resume_state() if self.resume else None
             if resumed:
                 path, theta, velocity, state = resumed
-                if root:
-                    self.echo(f"resuming from {path} (step {state.step})")
+                self.echo(f"resuming from {path} (step {state.step})")
             else:
                 theta = np.empty(self.model.num_params, np.float32)
                 self.model.init_params(theta, job.training.seed)
@@ -135,6 +135,7 @@ class Trainer:
                 state = RunState()
                 if root:
                     self._save(state, theta, velocity)      # step 0: every run can be replayed
+            state = backend.broadcast(state)                # rank 0 decides where to start
             backend.init_state(theta, velocity, state.step)
             # overflow is caught explicitly (TrainingDiverged), not by NumPy warnings on stderr
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):

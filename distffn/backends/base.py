@@ -57,7 +57,12 @@ class Backend:
     num_workers: int = 1
     is_root: bool = True                 # this process writes files and prints
 
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every process (only MPI has more than one)."""
+        return obj
+
     def init_state(self, theta: np.ndarray, velocity: np.ndarray, step: int):
+        """Start from Θ and velocity after ``step`` updates (the root's copy counts)."""
         raise NotImplementedError
 
     def train_step(self, epoch: int, batch_index: int, batch_len: int, lr: float):
