@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from .errors import UserError
+from .errors import UserError, WorkerFailed
 
 EPILOG = """\
 examples:
@@ -126,13 +126,17 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("distffn: interrupted; continue with `distffn run JOB.yaml --resume`", file=sys.stderr)
         return 130
-    except Exception as e:                       # a worker's failure: name it, end the job fast
-        from .backends.mpi import WorkerTimeout
-        if isinstance(e, WorkerTimeout) or _rank_prefix():
-            print(f"distffn: error: {_rank_prefix()}{type(e).__name__}: {e}", file=sys.stderr)
-            _abort_mpi_world(1)
-            return 1
-        raise
+    except WorkerFailed as e:                    # a worker's failure: name it, end the job fast
+        print(f"distffn: error: {_rank_prefix()}{e}", file=sys.stderr)
+        _abort_mpi_world(1)
+        return 1
+    except Exception as e:
+        if not _rank_prefix():
+            raise                                # a bug: keep the traceback
+        # on rank > 0 an unexpected error would leave rank 0 blocked: report it and end all ranks
+        print(f"distffn: error: {_rank_prefix()}{type(e).__name__}: {e}", file=sys.stderr)
+        _abort_mpi_world(1)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,3 +6,7 @@ class UserError(Exception):
 
     The CLI prints its message on one line and exits with code 2; no traceback.
     """
+
+
+class WorkerFailed(RuntimeError):
+    """A worker raised or stopped answering; the message names it. Exit code 1."""

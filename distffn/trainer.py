@@ -153,11 +153,13 @@ class Trainer:
                             f"and training.drop_last is true, so an epoch has no batch")
         total_steps = spe * epochs
         every = job.checkpoint.every_steps
+        placement = backend.placement()
         if root:
             self._metrics({"event": "start", "num_params": self.model.num_params,
                            "num_workers": backend.num_workers, "backend": job.scaling.backend,
                            "n_train": n_train, "n_test": int(ds.x_test.shape[0]),
-                           "steps_per_epoch": spe, "start_step": state.step})
+                           "steps_per_epoch": spe, "start_step": state.step,
+                           "placement": placement})
             self.echo(f"{job.name}: {self.model.num_params:,} parameters, {n_train:,} training / "
                       f"{ds.x_test.shape[0]:,} test samples, {epochs} epochs of {spe} steps, "
                       f"{backend.num_workers} worker(s) on {job.scaling.backend}")

@@ -6,11 +6,24 @@ its sample count) and keeps its running loss/accuracy totals on the device until
 """
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 
 from .config import JobConfig
 from .model import MLP
 from .sharding import batch_bounds, epoch_permutation, shard_bounds
+
+FAULT_ENV = "DISTFFN_INJECT_FAULT"
+
+
+def _injected_fault(rank: int):
+    """``DISTFFN_INJECT_FAULT=rank:step[:hang]``: how the tests make one worker fail or stall."""
+    spec = os.environ.get(FAULT_ENV, "").split(":")
+    if len(spec) < 2 or spec[0] != str(rank):
+        return None
+    return int(spec[1]), (spec[2] if len(spec) > 2 else "raise")
 
 
 class Worker:
@@ -26,6 +39,8 @@ class Worker:
         self.grad_views = self.model.layout.views(self.grad)
         self._theta_views = (None, None)
         self._perm = (None, None)
+        self._fault = _injected_fault(rank)
+        self.calls = 0
         self.reset_stats()
 
     def reset_stats(self):
@@ -53,6 +68,11 @@ class Worker:
     def compute(self, theta, epoch: int, batch_index: int):
         """ΔΘ summed over this worker's shard of global batch ``batch_index`` of ``epoch``."""
         xp = self.xp
+        self.calls += 1
+        if self._fault and self.calls >= self._fault[0]:
+            if self._fault[1] == "hang":
+                time.sleep(3600)
+            raise RuntimeError(f"injected fault ({FAULT_ENV}) in worker {self.rank} at step {self.calls}")
         idx = self.shard_indices(epoch, batch_index)
         if len(idx) == 0:                  # a short last batch can leave a worker nothing
             self.grad[...] = 0

@@ -57,6 +57,11 @@ class Backend:
     num_workers: int = 1
     is_root: bool = True                 # this process writes files and prints
 
+    def placement(self) -> list[str]:
+        """Where each worker runs (host or node id), for the run's records."""
+        import socket
+        return [socket.gethostname()] * self.num_workers
+
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every process (only MPI has more than one)."""
         return obj

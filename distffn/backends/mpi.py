@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from ..aggregator import Aggregator
-from ..errors import UserError
+from ..errors import UserError, WorkerFailed
 from ..model import MLP
 from ..sharding import shard_bounds
 from ..worker import Worker
@@ -26,7 +26,7 @@ from .base import Backend, Data, StepTimes, Totals
 _ARRIVE, _GO = 11, 12
 
 
-class WorkerTimeout(RuntimeError):
+class WorkerTimeout(WorkerFailed):
     """Some ranks did not reach a step within ``scaling.timeout_s``."""
 
 
@@ -72,6 +72,9 @@ class MPIBackend(Backend):
             self._threads = threadpool_limits(per_rank, user_api="blas")
         except ImportError:             # scikit-learn brings threadpoolctl; without it, env vars rule
             self._threads = None
+
+    def placement(self) -> list[str]:
+        return self.comm.allgather(self.MPI.Get_processor_name())
 
     # ---------------------------------------------------------------- state
     def broadcast(self, obj):
