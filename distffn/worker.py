@@ -40,6 +40,7 @@ class Worker:
         self._theta_views = (None, None)
         self._perm = (None, None)
         self._fault = _injected_fault(rank)
+        self._gathered: dict[int, tuple] = {}
         self.calls = 0
         self.reset_stats()
 
@@ -65,6 +66,18 @@ class Worker:
         lo, hi = shard_bounds(stop - start, self.num_workers, self.rank)
         return self._perm[1][start + lo:start + hi]
 
+    def _gather_buffers(self, n: int):
+        bufs = self._gathered.get(n)
+        if bufs is None:
+            xp = self.xp
+            bufs = (xp.empty((n,) + self.x.shape[1:], self.x.dtype),
+                    xp.empty((n,) + self.t.shape[1:], self.t.dtype),
+                    None if self.labels is None else xp.empty(n, self.labels.dtype))
+            if len(self._gathered) > 2:    # the batch shard and a short last one
+                self._gathered.clear()
+            self._gathered[n] = bufs
+        return bufs
+
     def compute(self, theta, epoch: int, batch_index: int):
         """ΔΘ summed over this worker's shard of global batch ``batch_index`` of ``epoch``."""
         xp = self.xp
@@ -79,9 +92,12 @@ class Worker:
             return self.grad
         if xp is not np:
             idx = xp.asarray(idx)
-        x = xp.take(self.x, idx, axis=0)
-        t = xp.take(self.t, idx, axis=0)
-        labels = None if self.labels is None else xp.take(self.labels, idx, axis=0)
+        x, t, labels = self._gather_buffers(len(idx))
+        # into buffers kept per shard size; mode="clip" gathers unbuffered (indices are valid)
+        xp.take(self.x, idx, axis=0, out=x, mode="clip")
+        xp.take(self.t, idx, axis=0, out=t, mode="clip")
+        if labels is not None:
+            xp.take(self.labels, idx, axis=0, out=labels, mode="clip")
         loss, correct = self.model.loss_and_grad(self.params(theta), self.grad_views, x, t, labels)
         self.loss_sum += loss.astype(np.float64)   # float32 sums drift over an epoch
         if correct is not None:
