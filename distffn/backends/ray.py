@@ -65,6 +65,7 @@ class _WorkerActor:
     def init_state(self, theta, velocity, step):
         """allreduce mode: this worker holds its own Θ and velocity."""
         self.aggregator = Aggregator(self.xp.asarray(theta).copy(), self.job.optimizer.momentum, self.xp)
+        self._sum = self.xp.empty_like(self.aggregator.theta)
         self.aggregator.velocity[...] = self.xp.asarray(velocity)
         self.aggregator.step = step
 
@@ -78,13 +79,22 @@ class _WorkerActor:
         self.compute_times.append(time.perf_counter() - t0)
         return grad
 
+    def step(self, previous, epoch, batch_index, *grads):
+        """allreduce mode, one call per step: finish the previous update, compute the next ΔΘ.
+
+        ``previous`` is (lr, count) of the last step, whose ΔΘ from every worker are ``grads``
+        (resolved by Ray from the object store). One call instead of two per step halves
+        Ray's per-task overhead, which dominates on small machines (11.5 → 9.1 ms a step).
+        """
+        if previous is not None:
+            self.apply(*previous, *grads)
+        return self.compute(None, epoch, batch_index)
+
     def apply(self, lr, count, *grads):
         """allreduce mode: sum every worker's ΔΘ in rank order, then the common update."""
         t0 = time.perf_counter()
-        total = self.xp.asarray(grads[0]).copy()
-        for g in grads[1:]:
-            total += self.xp.asarray(g)
-        self.aggregator.apply(total, count, lr)
+        _sum_into(self.xp, self._sum, grads)
+        self.aggregator.apply(self._sum, count, lr)
         self.update_times.append(time.perf_counter() - t0)
         return True
 
@@ -119,13 +129,12 @@ class _AggregatorActor:
         self.update_times: list[float] = []
 
     def apply(self, lr, count, *grads):
+        """Returns (Θ, True): Θ for the workers, the flag for the driver to wait on."""
         t0 = time.perf_counter()
-        np.copyto(self._sum, grads[0])
-        for g in grads[1:]:
-            self._sum += g
+        _sum_into(np, self._sum, grads)
         theta = self.aggregator.apply(self._sum, count, lr)
         self.update_times.append(time.perf_counter() - t0)
-        return theta
+        return theta, True
 
     def pop_times(self):
         out, self.update_times = self.update_times, []
@@ -133,6 +142,16 @@ class _AggregatorActor:
 
     def state(self):
         return self.aggregator.theta, self.aggregator.velocity
+
+
+def _sum_into(xp, out, grads):
+    """ΔΘ summed in rank order (so every allreduce worker computes the identical sum)."""
+    if len(grads) == 1:
+        out[...] = xp.asarray(grads[0])
+        return
+    xp.add(xp.asarray(grads[0]), xp.asarray(grads[1]), out=out)
+    for g in grads[2:]:
+        out += xp.asarray(g)
 
 
 class RayBackend(Backend):
@@ -184,24 +203,32 @@ class RayBackend(Backend):
         self.times = StepTimes()
         self._wall = 0.0
         self._pending = None
+        self._unapplied, self._last_grads = None, []      # allreduce: ΔΘ not yet applied
 
     # ---------------------------------------------------------------- waiting with names
-    def _get(self, refs, what: str):
-        """ray.get with the job's timeout; names the workers that failed or never answered."""
+    def _get(self, refs, what: str, fetch: bool = True):
+        """Wait for ``refs`` with the job's timeout; name the workers that failed or never answered.
+
+        ``fetch=False`` only waits: a step's ΔΘ and Θ stay in the object store instead of being
+        pulled into the driver; they are read only to name a failure.
+        """
         ray = self.ray
-        ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout)
-        for i, ref in enumerate(refs):
-            if ref in ready:
+        ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout,
+                                    fetch_local=fetch)
+        if not_ready:
+            missing = [self._who(refs.index(r), len(refs)) for r in not_ready]
+            raise WorkerFailed(f"{', '.join(missing)} did not finish {what} within "
+                               f"scaling.timeout_s={self.timeout:g} s")
+        try:
+            return ray.get(list(refs)) if fetch else ray.get(refs[-1])
+        except ray.exceptions.RayError:
+            for i, ref in enumerate(refs):          # the first ref that holds an error names it
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayError as e:
                     raise WorkerFailed(f"{self._who(i, len(refs))} failed during {what}: "
                                        f"{_root_cause(e)}") from None
-        if not_ready:
-            missing = [self._who(refs.index(r), len(refs)) for r in not_ready]
-            raise WorkerFailed(f"{', '.join(missing)} did not finish {what} within "
-                               f"scaling.timeout_s={self.timeout:g} s")
-        return ray.get(list(refs))
+            raise
 
     def _who(self, i: int, total: int) -> str:
         """Name of the i-th ref of a step: workers' ΔΘ first, then the aggregator or the applies."""
@@ -227,24 +254,33 @@ class RayBackend(Backend):
 
     def train_step(self, epoch, batch_index, batch_len, lr):
         t0 = time.perf_counter()
-        grads = [w.compute.remote(self.theta_ref, epoch, batch_index) for w in self.workers]
+        what = f"step {batch_index + 1} of epoch {epoch + 1}"
         if self.mode == "central":
-            self.theta_ref = self.aggregator.apply.remote(lr, batch_len, *grads)
-            done = [self.theta_ref]
+            grads = [w.compute.remote(self.theta_ref, epoch, batch_index) for w in self.workers]
+            self.theta_ref, ok = self.aggregator.apply.options(num_returns=2).remote(lr, batch_len, *grads)
+            pending = (grads + [ok], what)
         else:
-            done = [w.apply.remote(lr, batch_len, *grads) for w in self.workers]
+            grads = [w.step.remote(self._unapplied, epoch, batch_index, *self._last_grads)
+                     for w in self.workers]
+            self._unapplied, self._last_grads = (lr, batch_len), grads
+            pending = (grads, what)
         # one step in flight: submitting step s+1 overlaps the tail of step s
         if self._pending is not None:
-            self._get(*self._pending)
-        self._pending = (grads + done, f"step {batch_index + 1} of epoch {epoch + 1}")
+            self._get(*self._pending, fetch=False)
+        self._pending = pending
         self._wall += time.perf_counter() - t0
 
     def _drain(self):
+        """Finish everything submitted, including an allreduce update still owed."""
+        t0 = time.perf_counter()
         if self._pending is not None:
-            t0 = time.perf_counter()
-            self._get(*self._pending)
+            self._get(*self._pending, fetch=False)
             self._pending = None
-            self._wall += time.perf_counter() - t0
+        if self._unapplied is not None:
+            done = [w.apply.remote(*self._unapplied, *self._last_grads) for w in self.workers]
+            self._get(done, "the last update")
+            self._unapplied, self._last_grads = None, []
+        self._wall += time.perf_counter() - t0
 
     def train_totals(self):
         self._drain()
