@@ -93,11 +93,13 @@ class Worker:
         if xp is not np:
             idx = xp.asarray(idx)
         x, t, labels = self._gather_buffers(len(idx))
-        # into buffers kept per shard size; mode="clip" gathers unbuffered (indices are valid)
-        xp.take(self.x, idx, axis=0, out=x, mode="clip")
-        xp.take(self.t, idx, axis=0, out=t, mode="clip")
+        # into buffers kept per shard size; NumPy's mode="clip" gathers unbuffered (the
+        # indices are valid); CuPy's take has no mode and never buffers
+        kw = {"mode": "clip"} if xp is np else {}
+        xp.take(self.x, idx, axis=0, out=x, **kw)
+        xp.take(self.t, idx, axis=0, out=t, **kw)
         if labels is not None:
-            xp.take(self.labels, idx, axis=0, out=labels, mode="clip")
+            xp.take(self.labels, idx, axis=0, out=labels, **kw)
         loss, correct = self.model.loss_and_grad(self.params(theta), self.grad_views, x, t, labels)
         self.loss_sum += loss.astype(np.float64)   # float32 sums drift over an epoch
         if correct is not None:

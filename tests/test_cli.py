@@ -116,6 +116,14 @@ def final_params(run_dir):
     return arrays, meta
 
 
+def interrupted_copy(full, cut, last_step):
+    """A run directory as if the run had stopped after checkpoint ``last_step``."""
+    os.makedirs(cut / "checkpoints")
+    for step, path in ckpt.list_checkpoints(str(full / "checkpoints")):
+        if step <= last_step:
+            shutil.copy(path, cut / "checkpoints")
+
+
 def test_resume_from_mid_epoch_equals_uninterrupted_run(tmp_path):
     job = write_job(tmp_path, checkpoint={"every_steps": 7, "num_to_keep": 100},
                     training={"epochs": 3})
@@ -124,10 +132,7 @@ def test_resume_from_mid_epoch_equals_uninterrupted_run(tmp_path):
     # an interrupted copy: only the checkpoints up to step 14 (mid-epoch 1) survive, and the
     # newest file left behind is damaged, so --resume must fall back to step 14
     cut = tmp_path / "cut"
-    os.makedirs(cut / "checkpoints")
-    for step, path in ckpt.list_checkpoints(str(full / "checkpoints")):
-        if step <= 21:
-            shutil.copy(path, cut / "checkpoints")
+    interrupted_copy(full, cut, 21)
     damaged = cut / "checkpoints" / ckpt.checkpoint_name(21)
     damaged.write_bytes(damaged.read_bytes()[:1000])
     assert run_cli(job, "--out", str(cut), "--resume") == 0
@@ -143,10 +148,7 @@ def test_resume_with_a_different_worker_count_matches(tmp_path):
     full = tmp_path / "full"
     run_cli(job, "--out", str(full))
     cut = tmp_path / "cut"
-    os.makedirs(cut / "checkpoints")
-    for step, path in ckpt.list_checkpoints(str(full / "checkpoints")):
-        if step <= 20:
-            shutil.copy(path, cut / "checkpoints")
+    interrupted_copy(full, cut, 20)
     run_cli(job, "--out", str(cut), "--resume", "--set", "scaling.num_workers=3")
     a, _ = final_params(full)
     b, _ = final_params(cut)
@@ -326,3 +328,12 @@ def test_help_explains_every_command():
     assert r.returncode == 0
     for cmd in ("run", "eval", "plot"):
         assert cmd in r.stdout
+
+
+def test_use_gpu_without_cupy_is_a_clear_error(tmp_path, capsys):
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here")
+    except ImportError:
+        pass
+    user_error(capsys, ["run", write_job(tmp_path, scaling={"use_gpu": True})], "scaling.use_gpu", "CuPy")
