@@ -145,9 +145,9 @@ class Trainer:
 
     def _loop(self, backend, ds, state: RunState, t_start: float) -> dict:
         job, root = self.job, backend.is_root
-        n_train = data_n = ds.x_train.shape[0]
+        n_train = ds.x_train.shape[0]
         bs, epochs = job.training.batch_size, job.training.epochs
-        spe = steps_per_epoch(data_n, bs, job.training.drop_last)
+        spe = steps_per_epoch(n_train, bs, job.training.drop_last)
         if spe == 0:
             raise UserError(f"training.batch_size: {bs} is larger than the {n_train} training samples "
                             f"and training.drop_last is true, so an epoch has no batch")
@@ -175,7 +175,7 @@ class Trainer:
             t_epoch = time.perf_counter()
             epoch_samples = 0
             while state.batch < spe:
-                start, stop = batch_bounds(data_n, bs, state.batch)
+                start, stop = batch_bounds(n_train, bs, state.batch)
                 lr = learning_rate(job.optimizer, state.step, total_steps)
                 backend.train_step(epoch, state.batch, stop - start, lr)
                 state.step += 1
@@ -208,6 +208,12 @@ class Trainer:
                 if last.get("test_accuracy") is not None:
                     best_acc = max(best_acc or 0.0, last["test_accuracy"])
                 self.echo(self._epoch_line(last, epochs))
+        if not last:                        # resumed a finished run: report where it stands
+            test = backend.evaluate()
+            last = {"test_loss": _rate(test, "loss"),
+                    "test_accuracy": _rate(test, "acc") if self._classifies else None}
+            if root:
+                self.echo(f"{job.name}: already trained to step {state.step}; nothing to do")
         summary = {"name": job.name, "epochs": epochs, "step": state.step, **{
             k: last.get(k) for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")},
             "best_test_accuracy": best_acc, "num_params": self.model.num_params,

@@ -337,3 +337,14 @@ def test_use_gpu_without_cupy_is_a_clear_error(tmp_path, capsys):
     except ImportError:
         pass
     user_error(capsys, ["run", write_job(tmp_path, scaling={"use_gpu": True})], "scaling.use_gpu", "CuPy")
+
+
+def test_resume_of_a_finished_run_reports_and_changes_nothing(tmp_path, capsys):
+    job = write_job(tmp_path)
+    out = tmp_path / "run"
+    run_cli(job, "--out", str(out))
+    before = ckpt.list_checkpoints(str(out / "checkpoints"))
+    capsys.readouterr()
+    assert run_cli(job, "--out", str(out), "--resume") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert ckpt.list_checkpoints(str(out / "checkpoints")) == before
