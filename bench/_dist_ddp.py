@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Helper of bench_distributed.py: the PyTorch DistributedDataParallel reference.
+
+    OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=lo torchrun --nproc_per_node 2 --master_addr 127.0.0.1 \
+        --master_port PORT bench/_dist_ddp.py --out r.json
+
+Same model as distffn's Fashion-MNIST job (Linear(784,1024), ReLU, Linear(1024,10)) started
+from distffn's initial weights, CrossEntropyLoss, SGD lr 0.05 momentum 0.9, gloo, and the SAME
+normalized arrays (distffn's prepare_data in every rank). Every global batch of B rows comes
+from distffn's own epoch permutation (distffn.sharding), and rank r takes distffn's shard r
+of it (B/N rows); the mean loss over B/N rows with DDP's gradient averaging equals the global
+batch mean. torch threads per rank = CPUs / ranks. The loop is the usual one:
+zero_grad(set_to_none=True), forward, loss, backward (DDP's bucketed allreduce), step; the
+running loss stays a tensor and is all-reduced and read once per timed block (the analogue of
+distffn's train_totals()).
+
+After the blocks, the communication alone: torch.distributed.all_reduce of an 814,090-float32
+tensor (the ΔΘ buffer), median of --comm-reps calls. Rank 0 writes one JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRAD_FLOATS = 814_090
+
+
+def log(msg):
+    print(f"  [{os.getpid()}] {msg}", file=sys.stderr, flush=True)
+
+
+def steal_idle():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[7] if len(v) > 7 else 0, v[3] + v[4], sum(v[:8])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    ap.add_argument("--steps", type=int, nargs="+", default=[150, 50])
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--warmup-s", type=float, default=0.3)
+    ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--comm-reps", type=int, default=100)
+    ap.add_argument("--timeout-s", type=float, default=120)
+    ap.add_argument("--job", default=os.path.join(REPO, "jobs", "fashion-mnist-mlp.yaml"))
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    t_proc = time.perf_counter()
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    threads = max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout_s))
+
+    from distffn.config import load_job
+    from distffn.sharding import epoch_permutation, shard_bounds
+    from distffn.trainer import prepare_data
+
+    overrides = ["optimizer.schedule=constant", "optimizer.lr=0.05", "optimizer.momentum=0.9"]
+    if args.limit_train:
+        overrides.append(f"data.limit_train={args.limit_train}")
+    job = load_job(args.job, overrides)
+    ds, data, model = prepare_data(job)
+    X = torch.from_numpy(np.ascontiguousarray(data.x_train, dtype=np.float32))
+    Y = torch.from_numpy(np.ascontiguousarray(data.t_train, dtype=np.int64))
+    n = X.shape[0]
+    seed = job.training.seed
+    theta0 = np.empty(model.num_params, np.float32)
+    model.init_params(theta0, seed)
+    arrays0 = model.layout.to_arrays(theta0)
+    lr, momentum = job.optimizer.lr, job.optimizer.momentum
+
+    def flag(v: bool) -> bool:
+        """Rank 0's decision on every rank."""
+        t = torch.tensor([1 if v else 0], dtype=torch.int32)
+        dist.broadcast(t, 0)
+        return bool(t.item())
+
+    result = {"world_size": world, "threads_per_rank": threads, "torch": torch.__version__,
+              "n_train": int(n), "blocks": []}
+    steps = dict(zip(args.batch_sizes, args.steps if len(args.steps) > 1
+                     else args.steps * len(args.batch_sizes)))
+    for B in args.batch_sizes:
+        nn = torch.nn
+        net = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 10))
+        with torch.no_grad():
+            for lin, i in ((net[0], 0), (net[2], 1)):
+                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(arrays0[f"W{i}"].T)))
+                lin.bias.copy_(torch.from_numpy(arrays0[f"b{i}"]))
+        ddp = DDP(net)
+        loss_fn = nn.CrossEntropyLoss()
+        opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=momentum)
+        full = n // B
+        lo, hi = shard_bounds(B, world, rank)
+        state = {"epoch": 0, "batch": 0, "perm": torch.from_numpy(epoch_permutation(seed, 0, n))}
+
+        def run(k, loss_sum):
+            perm = state["perm"]
+            for _ in range(k):
+                if state["batch"] == full:
+                    state["epoch"] += 1
+                    state["batch"] = 0
+                    perm = state["perm"] = torch.from_numpy(epoch_permutation(seed, state["epoch"], n))
+                start = state["batch"] * B
+                idx = perm[start + lo:start + hi]
+                state["batch"] += 1
+                xb, yb = X.index_select(0, idx), Y.index_select(0, idx)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(ddp(xb), yb)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach()
+
+        w0, done = time.perf_counter(), 0
+        while True:
+            run(5, torch.zeros(()))
+            done += 5
+            if not flag(done < args.warmup or time.perf_counter() - w0 < args.warmup_s):
+                break
+        warm_s = time.perf_counter() - w0
+        k = steps[B]
+        dist.barrier()
+        s0 = steal_idle()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros(())
+        run(k, loss_sum)
+        dist.all_reduce(loss_sum)
+        mean_loss = loss_sum.item() / (k * world)
+        dt = time.perf_counter() - t0
+        s1 = steal_idle()
+        total_j = max(1, s1[2] - s0[2])
+        blk = {"batch_size": B, "steps": k, "seconds": dt, "samples_per_s": k * B / dt,
+               "warmup_s": warm_s, "warmup_steps": done, "mean_loss": mean_loss,
+               "wall_ms_per_step": 1e3 * dt / k,
+               "steal_fraction": (s1[0] - s0[0]) / total_j, "idle_fraction": (s1[1] - s0[1]) / total_j}
+        result["blocks"].append(blk)
+        if rank == 0:
+            log(f"DDP N={world} B={B}: {blk['samples_per_s']:,.0f} samples/s "
+                f"(warm-up {done} steps)")
+        del ddp, opt
+
+    # communication alone: one all_reduce of the ΔΘ-sized buffer
+    buf = torch.zeros(GRAD_FLOATS, dtype=torch.float32)
+    for _ in range(5):
+        dist.all_reduce(buf)
+    ts = []
+    for _ in range(args.comm_reps):
+        t0 = time.perf_counter()
+        dist.all_reduce(buf)
+        ts.append(time.perf_counter() - t0)
+    result["allreduce_ms"] = {"median": 1e3 * statistics.median(ts), "min": 1e3 * min(ts)}
+    result["process_s"] = time.perf_counter() - t_proc
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
