@@ -88,7 +88,6 @@ class ScalingConfig:
     aggregation: str = "central"
     address: Optional[str] = None       # an existing Ray cluster (else RAY_ADDRESS, else a local one)
     timeout_s: float = 300.0            # a step that takes longer names the missing workers
-    max_failures: int = 0
 
 
 @dataclass
@@ -229,7 +228,6 @@ def validate(job: JobConfig) -> JobConfig:
     _choice(s.aggregation, AGGREGATIONS, "scaling.aggregation")
     _positive(s.num_workers, "scaling.num_workers")
     _positive(s.timeout_s, "scaling.timeout_s")
-    _positive(s.max_failures, "scaling.max_failures", allow_zero=True)
     if s.num_workers > t.batch_size:
         raise UserError(f"scaling.num_workers: {s.num_workers} workers cannot share a global batch of "
                         f"{t.batch_size} samples (training.batch_size); use at most {t.batch_size}")
