@@ -168,6 +168,7 @@ class Trainer:
         best_acc = None
         last = {}
         lr = learning_rate(job.optimizer, state.step, total_steps)
+        finished_before = state.epoch >= epochs      # the same on every rank (collectives follow)
         while state.epoch < epochs:
             epoch = state.epoch
             totals = Totals()
@@ -208,7 +209,7 @@ class Trainer:
                 if last.get("test_accuracy") is not None:
                     best_acc = max(best_acc or 0.0, last["test_accuracy"])
                 self.echo(self._epoch_line(last, epochs))
-        if not last:                        # resumed a finished run: report where it stands
+        if finished_before:                 # resumed a finished run: report where it stands
             test = backend.evaluate()
             last = {"test_loss": _rate(test, "loss"),
                     "test_accuracy": _rate(test, "acc") if self._classifies else None}

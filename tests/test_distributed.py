@@ -216,3 +216,17 @@ def test_two_node_ray_cluster_on_loopback(tmp_path, ray_instance):
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert start["num_workers"] == 2 and len(set(start["placement"])) == 2
     assert subprocess.run(["pgrep", "-f", "raylet"], capture_output=True).returncode != 0
+
+
+@needs_mpi
+def test_mpi_resume_of_a_finished_run_keeps_every_rank_in_step(tmp_path):
+    """Control flow must not depend on what only rank 0 knows, or ranks block each other."""
+    r, out, _ = run_mpi(tmp_path, 2, "allreduce")
+    assert r.returncode == 0, r.stderr
+    job = str(tmp_path / "job.yaml")
+    again = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "distffn.cli", "run", job,
+                            "--out", str(out), "--no-progress", "--resume",
+                            "--set", "scaling.backend=mpi"],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stdout
