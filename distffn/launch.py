@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -50,7 +51,15 @@ def maybe_relaunch_under_mpi(job, argv: list[str]) -> int | None:
     prepare_data(job)                               # bad data: one message here, not N
     cmd = [find_mpiexec(), "-n", str(job.scaling.num_workers),
            sys.executable, "-m", "distffn.cli", *argv]
+    proc = subprocess.Popen(cmd)
+    # a scheduler's SIGTERM to this launcher reaches mpiexec, which stops its ranks: none is
+    # left running on its own
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: proc.send_signal(sig))
     try:
-        return subprocess.call(cmd)
+        return proc.wait()
     except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -30,6 +31,20 @@ JOB = {
 }
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 needs_mpi = pytest.mark.skipif(not os.access(MPIEXEC, os.X_OK), reason="the mpi extra is not installed")
+
+
+def run_group(cmd, timeout, env=None):
+    """subprocess.run in its own session; on a timeout the whole group dies (mpiexec's ranks
+    too), so a failing test never leaves ranks spinning behind it."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def job_dict(**sections):
@@ -110,8 +125,7 @@ def run_mpi(tmp_path, n, mode, env=None, timeout=120, under_mpiexec=True, **sect
     cli = [sys.executable, "-m", "distffn.cli", *args]
     cmd = [MPIEXEC, "-n", str(n), *cli] if under_mpiexec else cli
     t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env=dict(os.environ, **(env or {})))
+    r = run_group(cmd, timeout, env=dict(os.environ, **(env or {})))
     return r, out, time.monotonic() - t0
 
 
@@ -209,8 +223,8 @@ def test_two_node_ray_cluster_on_loopback(tmp_path, ray_instance):
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)     # multi-node needs Ray's default
     out = tmp_path / "run"
-    r = subprocess.run(["unshare", "--net", "bash", script, write_job(tmp_path), "--out", str(out),
-                        "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    r = run_group(["unshare", "--net", "bash", script, write_job(tmp_path), "--out", str(out),
+                   "--no-progress"], timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "two-node Ray cluster at 127.0.0.1:" in r.stdout
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -224,9 +238,8 @@ def test_mpi_resume_of_a_finished_run_keeps_every_rank_in_step(tmp_path):
     r, out, _ = run_mpi(tmp_path, 2, "allreduce")
     assert r.returncode == 0, r.stderr
     job = str(tmp_path / "job.yaml")
-    again = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "distffn.cli", "run", job,
-                            "--out", str(out), "--no-progress", "--resume",
-                            "--set", "scaling.backend=mpi"],
-                           capture_output=True, text=True, timeout=120)
+    again = run_group([MPIEXEC, "-n", "2", sys.executable, "-m", "distffn.cli", "run", job,
+                       "--out", str(out), "--no-progress", "--resume", "--set", "scaling.backend=mpi"],
+                      timeout=120)
     assert again.returncode == 0, again.stderr
     assert "nothing to do" in again.stdout

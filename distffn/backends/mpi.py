@@ -5,8 +5,9 @@ same update; ``central`` reduces ΔΘ to rank 0, the aggregator, which updates �
 velocity and broadcasts Θ. One flat buffer per message, never one message per layer.
 
 Blocking collectives are used because MPICH's non-blocking ones, polled, measured 15× slower
-here. So that nothing hangs, each step starts with a handshake of small messages that rank 0
-waits on with a deadline; a rank that does not arrive in time is named and the job aborted.
+here. So that nothing hangs, every collective starts with a handshake of small messages,
+numbered alike on every rank, that rank 0 waits on with a deadline: a rank that does not
+arrive in time (stalled, dead, or out of step) is named and the job aborted.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class MPIBackend(Backend):
                      None if data.labels_test is None else xp.asarray(data.labels_test[lo:hi]))
         self.model: MLP = self.worker.model
         self.times, self._compute = StepTimes(), []
-        self.step_no = 0
+        self._seq = 0                      # collectives so far: the handshake's tag
 
     def _limit_blas_threads(self):
         """One BLAS thread pool per core: N ranks on one node share its cores."""
@@ -74,18 +75,20 @@ class MPIBackend(Backend):
             self._threads = None
 
     def placement(self) -> list[str]:
+        self._handshake("start-up")
         return self.comm.allgather(self.MPI.Get_processor_name())
 
     # ---------------------------------------------------------------- state
     def broadcast(self, obj):
+        self._handshake("start-up")
         return self.comm.bcast(obj, root=0)
 
     def init_state(self, theta, velocity, step):
         xp = self.xp
+        self._handshake("start-up")
         # rank 0's copy wins, so a resume read on rank 0 alone reaches every rank
         theta = self.comm.bcast(np.ascontiguousarray(theta, np.float32) if self.is_root else None, root=0)
         velocity = self.comm.bcast(np.ascontiguousarray(velocity, np.float32) if self.is_root else None, root=0)
-        self.step_no = step
         self.theta = xp.asarray(theta).copy()
         holds_velocity = self.mode == "allreduce" or self.is_root
         self.aggregator = Aggregator(self.theta, self.job.optimizer.momentum, xp) if holds_velocity else None
@@ -95,37 +98,43 @@ class MPIBackend(Backend):
         self._sum = xp.empty_like(self.theta) if self.mode == "central" and self.is_root else None
 
     # ---------------------------------------------------------------- one step
-    def _handshake(self):
-        """Every rank reaches this step before any enters the collective, or we fail loudly."""
-        comm, tag = self.comm, self.step_no
+    def _handshake(self, what: str):
+        """Every rank reaches this collective before any enters it, or we fail loudly."""
+        self._seq += 1
+        if self.num_workers == 1:
+            return
+        comm, tag = self.comm, self._seq % 32768          # MPI guarantees tags up to 32767
         deadline = time.monotonic() + self.timeout
         if self.is_root:
-            reqs = {r: comm.irecv(source=r, tag=_ARRIVE) for r in range(1, self.num_workers)}
-            pending = dict(reqs)
+            pending = {r: comm.irecv(source=r, tag=_ARRIVE) for r in range(1, self.num_workers)}
             while pending:
-                for r in [r for r, q in pending.items() if q.Test()]:
-                    pending.pop(r).wait()
+                for r, q in list(pending.items()):
+                    done, theirs = q.test()          # lowercase: also returns the message
+                    if not done:
+                        continue
+                    del pending[r]
+                    if theirs != tag:
+                        raise WorkerTimeout(f"worker {r} (MPI rank) is out of step: rank 0 is at "
+                                            f"collective {tag} ({what}), worker {r} at {theirs}")
                 if pending and time.monotonic() > deadline:
-                    raise WorkerTimeout(f"worker(s) {sorted(pending)} (MPI ranks) did not reach step "
-                                        f"{tag + 1} within scaling.timeout_s={self.timeout:g} s")
+                    raise WorkerTimeout(f"worker(s) {sorted(pending)} (MPI ranks) did not reach "
+                                        f"{what} within scaling.timeout_s={self.timeout:g} s")
             for r in range(1, self.num_workers):
                 comm.send(tag, dest=r, tag=_GO)
         else:
             comm.send(tag, dest=0, tag=_ARRIVE)
             req = comm.irecv(source=0, tag=_GO)
-            while not req.Test():
+            while not req.test()[0]:
                 if time.monotonic() > deadline:
-                    raise WorkerTimeout(f"rank 0 (the aggregator) did not answer at step {tag + 1} "
+                    raise WorkerTimeout(f"rank 0 (the aggregator) did not answer at {what} "
                                         f"within scaling.timeout_s={self.timeout:g} s")
-            req.wait()
 
     def train_step(self, epoch, batch_index, batch_len, lr):
         MPI, comm = self.MPI, self.comm
         t0 = time.perf_counter()
         grad = self.worker.compute(self.theta, epoch, batch_index)
         t1 = time.perf_counter()
-        if self.num_workers > 1:
-            self._handshake()
+        self._handshake(f"step {batch_index + 1} of epoch {epoch + 1}")
         if self.mode == "allreduce":
             comm.Allreduce(MPI.IN_PLACE, grad, op=MPI.SUM)
             t2 = time.perf_counter()
@@ -140,7 +149,6 @@ class MPIBackend(Backend):
             t3 = time.perf_counter()
             comm.Bcast(self.theta, root=0)
             t4 = time.perf_counter()
-        self.step_no += 1
         self._compute.append(t1 - t0)
         self.times.compute += t1 - t0
         self.times.communication += (t2 - t1) + (t4 - t3)      # handshake, collectives
@@ -148,21 +156,22 @@ class MPIBackend(Backend):
         self.times.steps += 1
 
     # ---------------------------------------------------------------- totals
-    def _sum_totals(self, loss, correct, count) -> Totals:
+    def _sum_totals(self, loss, correct, count, what: str) -> Totals:
         buf = np.array([loss, correct or 0, count], np.float64)
+        self._handshake(what)
         self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         tot = Totals()
         tot.add(buf[0], int(round(buf[1])), int(round(buf[2])))
         return tot
 
     def train_totals(self):
-        return self._sum_totals(*self.worker.pop_stats())
+        return self._sum_totals(*self.worker.pop_stats(), "reporting totals")
 
     def evaluate(self):
         x, t, labels = self.test
         loss, correct = self.model.evaluate(self.model.layout.views(self.theta), x, t, labels,
                                             self.job.training.eval_batch_size)
-        return self._sum_totals(loss, correct, x.shape[0])
+        return self._sum_totals(loss, correct, x.shape[0], "evaluation")
 
     def state(self):
         velocity = self.aggregator.velocity if self.aggregator is not None else self.xp.zeros_like(self.theta)
@@ -172,6 +181,7 @@ class MPIBackend(Backend):
         """Rank 0's breakdown; waiting is the slowest rank's lead in compute, step by step."""
         mine = np.array(self._compute, np.float64)
         all_compute = np.empty((self.num_workers, len(mine)), np.float64)
+        self._handshake("reporting times")
         self.comm.Allgather(mine, all_compute)
         waiting = float((all_compute.max(axis=0) - mine).sum())
         out, self.times, self._compute = self.times, StepTimes(), []
