@@ -1,6 +1,7 @@
 """``distffn`` command line: run, eval and plot.
 
-Exit codes: 0 success, 2 a user error (one message on stderr, no traceback), 130 interrupted.
+Exit codes: 0 success, 1 a worker failed or stalled (named), 2 a user error (one message on
+stderr, no traceback), 130 interrupted.
 """
 from __future__ import annotations
 
