@@ -23,37 +23,21 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import sys
 import time
 
-import numpy as np
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GRAD_FLOATS = 814_090
+import benchlib
+from benchlib import GRAD_FLOATS, steal_idle
 
 
 def log(msg):
-    print(f"  [{os.getpid()}] {msg}", file=sys.stderr, flush=True)
-
-
-def steal_idle():
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return v[7] if len(v) > 7 else 0, v[3] + v[4], sum(v[:8])
+    benchlib.log(msg, pid=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
-    ap.add_argument("--steps", type=int, nargs="+", default=[150, 50])
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--warmup-s", type=float, default=0.3)
-    ap.add_argument("--limit-train", type=int, default=None)
-    ap.add_argument("--comm-reps", type=int, default=100)
+    benchlib.add_helper_args(ap)
     ap.add_argument("--timeout-s", type=float, default=120)
-    ap.add_argument("--job", default=os.path.join(REPO, "jobs", "fashion-mnist-mlp.yaml"))
-    ap.add_argument("--out", required=True)
+    benchlib.add_helper_io_args(ap)
     args = ap.parse_args()
     t_proc = time.perf_counter()
 
@@ -67,21 +51,13 @@ def main():
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout_s))
 
-    from distffn.config import load_job
     from distffn.sharding import epoch_permutation, shard_bounds
-    from distffn.trainer import prepare_data
 
-    overrides = ["optimizer.schedule=constant", "optimizer.lr=0.05", "optimizer.momentum=0.9"]
-    if args.limit_train:
-        overrides.append(f"data.limit_train={args.limit_train}")
-    job = load_job(args.job, overrides)
-    ds, data, model = prepare_data(job)
-    X = torch.from_numpy(np.ascontiguousarray(data.x_train, dtype=np.float32))
-    Y = torch.from_numpy(np.ascontiguousarray(data.t_train, dtype=np.int64))
+    job, data, model = benchlib.load_data(args.job, benchlib.job_overrides(args.limit_train or None))
+    X, Y = benchlib.torch_data(data)
     n = X.shape[0]
     seed = job.training.seed
-    theta0 = np.empty(model.num_params, np.float32)
-    model.init_params(theta0, seed)
+    theta0 = benchlib.initial_theta(model, seed)
     arrays0 = model.layout.to_arrays(theta0)
     lr, momentum = job.optimizer.lr, job.optimizer.momentum
 
@@ -93,17 +69,11 @@ def main():
 
     result = {"world_size": world, "threads_per_rank": threads, "torch": torch.__version__,
               "n_train": int(n), "blocks": []}
-    steps = dict(zip(args.batch_sizes, args.steps if len(args.steps) > 1
-                     else args.steps * len(args.batch_sizes)))
+    steps = benchlib.helper_steps(args.batch_sizes, args.steps)
+    torch_step = benchlib.torch_step
     for B in args.batch_sizes:
-        nn = torch.nn
-        net = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 10))
-        with torch.no_grad():
-            for lin, i in ((net[0], 0), (net[2], 1)):
-                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(arrays0[f"W{i}"].T)))
-                lin.bias.copy_(torch.from_numpy(arrays0[f"b{i}"]))
-        ddp = DDP(net)
-        loss_fn = nn.CrossEntropyLoss()
+        ddp = DDP(benchlib.torch_mlp(arrays0))
+        loss_fn = torch.nn.CrossEntropyLoss()
         opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=momentum)
         full = n // B
         lo, hi = shard_bounds(B, world, rank)
@@ -119,12 +89,7 @@ def main():
                 start = state["batch"] * B
                 idx = perm[start + lo:start + hi]
                 state["batch"] += 1
-                xb, yb = X.index_select(0, idx), Y.index_select(0, idx)
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(ddp(xb), yb)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach()
+                torch_step(ddp, loss_fn, opt, X, Y, idx, loss_sum)
 
         w0, done = time.perf_counter(), 0
         while True:
@@ -143,11 +108,9 @@ def main():
         mean_loss = loss_sum.item() / (k * world)
         dt = time.perf_counter() - t0
         s1 = steal_idle()
-        total_j = max(1, s1[2] - s0[2])
         blk = {"batch_size": B, "steps": k, "seconds": dt, "samples_per_s": k * B / dt,
                "warmup_s": warm_s, "warmup_steps": done, "mean_loss": mean_loss,
-               "wall_ms_per_step": 1e3 * dt / k,
-               "steal_fraction": (s1[0] - s0[0]) / total_j, "idle_fraction": (s1[1] - s0[1]) / total_j}
+               "wall_ms_per_step": 1e3 * dt / k, **benchlib.steal_idle_fractions(s0, s1)}
         result["blocks"].append(blk)
         if rank == 0:
             log(f"DDP N={world} B={B}: {blk['samples_per_s']:,.0f} samples/s "
@@ -156,14 +119,7 @@ def main():
 
     # communication alone: one all_reduce of the ΔΘ-sized buffer
     buf = torch.zeros(GRAD_FLOATS, dtype=torch.float32)
-    for _ in range(5):
-        dist.all_reduce(buf)
-    ts = []
-    for _ in range(args.comm_reps):
-        t0 = time.perf_counter()
-        dist.all_reduce(buf)
-        ts.append(time.perf_counter() - t0)
-    result["allreduce_ms"] = {"median": 1e3 * statistics.median(ts), "min": 1e3 * min(ts)}
+    result["allreduce_ms"] = benchlib.median_time_ms(lambda: dist.all_reduce(buf), args.comm_reps)
     result["process_s"] = time.perf_counter() - t_proc
     dist.barrier()
     dist.destroy_process_group()

@@ -16,36 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GRAD_FLOATS = 814_090          # 784·1024 + 1024 + 1024·10 + 10
+import benchlib
+from benchlib import GRAD_FLOATS, median_time_ms, steal_idle
 
 
 def log(msg):
-    print(f"  [{os.getpid()}] {msg}", file=sys.stderr, flush=True)
-
-
-def steal_idle():
-    """(steal, idle, total) jiffies since boot, machine-wide."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return v[7] if len(v) > 7 else 0, v[3] + v[4], sum(v[:8])
-
-
-def median_time(fn, reps, warm=5):
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), min(ts)
+    benchlib.log(msg, pid=True)
 
 
 class Stepper:
@@ -71,14 +52,8 @@ def main():
     ap.add_argument("--aggregation", choices=["allreduce", "central"], default="allreduce")
     ap.add_argument("--workers", type=int, default=1, help="local/ray (MPI: the world size)")
     ap.add_argument("--threads", type=int, default=None, help="local: BLAS threads (default all CPUs)")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
-    ap.add_argument("--steps", type=int, nargs="+", default=[150, 50])
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--warmup-s", type=float, default=0.3)
-    ap.add_argument("--limit-train", type=int, default=None)
-    ap.add_argument("--comm-reps", type=int, default=100)
-    ap.add_argument("--job", default=os.path.join(REPO, "jobs", "fashion-mnist-mlp.yaml"))
-    ap.add_argument("--out", required=True)
+    benchlib.add_helper_args(ap)
+    benchlib.add_helper_io_args(ap)
     args = ap.parse_args()
     t_proc = time.perf_counter()
 
@@ -87,12 +62,9 @@ def main():
         threadpool_limits(args.threads or os.cpu_count(), user_api="blas")
 
     from distffn.config import load_job
-    from distffn.trainer import prepare_data
 
-    base = ["optimizer.schedule=constant", "optimizer.lr=0.05", "optimizer.momentum=0.9",
-            f"scaling.backend={args.backend}", f"scaling.aggregation={args.aggregation}"]
-    if args.limit_train:
-        base.append(f"data.limit_train={args.limit_train}")
+    base = benchlib.job_overrides(args.limit_train or None, (f"scaling.backend={args.backend}",
+                                                            f"scaling.aggregation={args.aggregation}"))
     mpi_comm = None
     if args.backend == "mpi":
         from mpi4py import MPI
@@ -100,11 +72,9 @@ def main():
         args.workers = mpi_comm.Get_size()
     base.append(f"scaling.num_workers={args.workers}")
 
-    job0 = load_job(args.job, base + [f"training.batch_size={args.batch_sizes[0]}"])
-    ds, data, model = prepare_data(job0)
+    job0, data, model = benchlib.load_data(args.job, base + [f"training.batch_size={args.batch_sizes[0]}"])
     n = int(data.x_train.shape[0])
-    theta0 = np.empty(model.num_params, np.float32)
-    model.init_params(theta0, job0.training.seed)
+    theta0 = benchlib.initial_theta(model, job0.training.seed)
 
     if args.backend == "local":
         from distffn.backends.local import LocalBackend as Backend
@@ -115,8 +85,7 @@ def main():
 
     result = {"backend": args.backend, "aggregation": args.aggregation, "workers": args.workers,
               "num_params": int(model.num_params), "n_train": n, "blocks": []}
-    steps = dict(zip(args.batch_sizes, args.steps if len(args.steps) > 1
-                     else args.steps * len(args.batch_sizes)))
+    steps = benchlib.helper_steps(args.batch_sizes, args.steps)
     root = True
     for i, B in enumerate(args.batch_sizes):
         job = load_job(args.job, base + [f"training.batch_size={B}"])
@@ -148,14 +117,12 @@ def main():
         dt = time.perf_counter() - t0
         s1 = steal_idle()
         times = be.pop_times().as_dict()
-        total_j = max(1, s1[2] - s0[2])
         blk = {"batch_size": B, "steps": k, "seconds": dt, "samples_per_s": k * B / dt,
                "startup_s": startup, "warmup_s": warm_s, "warmup_steps": done,
                "mean_loss": tot.loss_sum / tot.count if tot.count else None,
                "accuracy": tot.correct / tot.count if tot.count else None,
                "samples_counted": tot.count, "times": times,
-               "steal_fraction": (s1[0] - s0[0]) / total_j, "idle_fraction": (s1[1] - s0[1]) / total_j,
-               "placement": placement}
+               **benchlib.steal_idle_fractions(s0, s1), "placement": placement}
         ts = max(1, times["time_steps"])
         for ph in ("compute", "communication", "update", "waiting"):
             blk[f"{ph}_ms_per_step"] = 1e3 * times[f"time_{ph}_s"] / ts
@@ -179,22 +146,20 @@ def main():
         from mpi4py import MPI
         buf = np.zeros(GRAD_FLOATS, np.float32)
         out = np.empty_like(buf)
-        med, mn = median_time(lambda: mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM), args.comm_reps)
-        result["raw_allreduce_ms"] = {"median": 1e3 * med, "min": 1e3 * mn}
+        result["raw_allreduce_ms"] = median_time_ms(lambda: mpi_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
+                                                    args.comm_reps)
 
         def reduce_bcast():
             mpi_comm.Reduce(buf, out, op=MPI.SUM, root=0)
             mpi_comm.Bcast(buf, root=0)
-        med, mn = median_time(reduce_bcast, args.comm_reps)
-        result["raw_reduce_bcast_ms"] = {"median": 1e3 * med, "min": 1e3 * mn}
+        result["raw_reduce_bcast_ms"] = median_time_ms(reduce_bcast, args.comm_reps)
         result["mpi_library"] = MPI.Get_library_version().strip().splitlines()[0]
 
     # The floor on one machine: a plain copy of the buffer (one thread, this process).
     if args.backend == "local":
         src = np.ones(GRAD_FLOATS, np.float32)
         dst = np.empty_like(src)
-        med, mn = median_time(lambda: np.copyto(dst, src), max(200, args.comm_reps), warm=20)
-        result["copy_ms"] = {"median": 1e3 * med, "min": 1e3 * mn}
+        result["copy_ms"] = median_time_ms(lambda: np.copyto(dst, src), max(200, args.comm_reps), warm=20)
         from threadpoolctl import threadpool_info
         result["blas_threads"] = [p.get("num_threads") for p in threadpool_info()
                                   if p.get("user_api") == "blas"]

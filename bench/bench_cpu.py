@@ -25,88 +25,31 @@ median of per-round ratios, and pass/fail against the targets (distffn ≥ 1.2×
 """
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOB = os.path.join(REPO, "jobs", "fashion-mnist-mlp.yaml")
+import benchlib
+from benchlib import JOB, log, wait_idle
 
 TORCH_TARGET = {128: 1.2, 512: 1.0}     # distffn / torch, ratio of medians
 GEMM_TARGET = 0.75                      # distffn / GEMM-only bound
-DEFAULT_STEPS = {128: 200, 512: 60}
-
-
-def log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
-
-
-_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_ticks():
-    """(idle ticks, all ticks incl. steal, this process's ticks) since boot."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    t = os.times()
-    return v[3] + v[4], sum(v[:8]), (t.user + t.system) * _HZ
-
-
-def wait_idle(max_s: float, need: float = 0.9, window: float = 0.25) -> dict:
-    """Wait (up to ``max_s``) until other processes left the machine >= ``need`` idle over one
-    ``window`` (this process's own spinning BLAS/OpenMP threads don't count): other tenants'
-    jobs on a 2-core box otherwise halve whichever block they overlap."""
-    t0 = time.perf_counter()
-    idle = None
-    try:
-        while True:
-            i0, n0, s0 = _cpu_ticks()
-            time.sleep(window)
-            i1, n1, s1 = _cpu_ticks()
-            total = max(1, n1 - n0)
-            others = max(0.0, (total - (i1 - i0)) - (s1 - s0))
-            idle = 1.0 - others / total
-            if idle >= need or time.perf_counter() - t0 >= max_s:
-                break
-    except OSError:
-        pass
-    return {"waited_s": time.perf_counter() - t0, "idle_fraction": idle}
-
-
-def default_steps(b: int) -> int:
-    return DEFAULT_STEPS.get(b, max(10, round(25600 / b)))
 
 
 # ---------------------------------------------------------------- environment
 
 def environment(threads: int) -> dict:
     import torch
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": list(os.getloadavg()),
-        "threads_requested": threads,
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            env["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f
-                                     if ln.startswith("model name")), None)
-    except OSError:
-        env["cpu_model"] = None
+    env = benchlib.base_environment(
+        threads_requested=threads,
+        numpy=np.__version__,
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        torch_interop_threads=torch.get_num_interop_threads(),
+    )
+    env["cpu_model"] = benchlib.cpu_model()
     try:
         from threadpoolctl import threadpool_info
         env["blas_pools"] = [{k: p.get(k) for k in ("internal_api", "version", "num_threads",
@@ -115,23 +58,12 @@ def environment(threads: int) -> dict:
     except Exception as e:  # threadpoolctl missing: fall back to numpy's build info
         env["blas_pools"] = None
         env["blas_pools_error"] = repr(e)
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        env["numpy_blas"] = {k: blas.get(k) for k in ("name", "version", "openblas configuration")}
-    except Exception:
-        env["numpy_blas"] = None
+    env["numpy_blas"] = benchlib.numpy_blas()
     try:
         env["torch_parallel_info"] = torch.__config__.parallel_info()
     except Exception:
         pass
-    try:
-        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "distffn"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        env["git"] = head + ("+dirty(distffn/)" if dirty else "")
-    except Exception:
-        env["git"] = None
+    env["git"] = benchlib.git_rev()
     return env
 
 
@@ -184,17 +116,11 @@ class TorchRunner:
     def __init__(self, B, data, layer_arrays, lr, momentum, seed=0):
         import torch
         self.torch, self.B = torch, B
-        self.X = torch.from_numpy(np.ascontiguousarray(data.x_train, dtype=np.float32))
-        self.Y = torch.from_numpy(np.ascontiguousarray(data.t_train, dtype=np.int64))
+        self.X, self.Y = benchlib.torch_data(data)
         self.n = self.X.shape[0]
         self.full = self.n // B
-        nn = torch.nn
-        self.net = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 10))
-        with torch.no_grad():                       # start from distffn's initial weights
-            for lin, i in ((self.net[0], 0), (self.net[2], 1)):
-                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(layer_arrays[f"W{i}"].T)))
-                lin.bias.copy_(torch.from_numpy(layer_arrays[f"b{i}"]))
-        self.loss_fn = nn.CrossEntropyLoss()
+        self.net = benchlib.torch_mlp(layer_arrays)     # starts from distffn's initial weights
+        self.loss_fn = torch.nn.CrossEntropyLoss()
         self.opt = torch.optim.SGD(self.net.parameters(), lr=lr, momentum=momentum)
         self.gen = torch.Generator().manual_seed(seed)
         self.perm = torch.randperm(self.n, generator=self.gen)
@@ -202,7 +128,7 @@ class TorchRunner:
 
     def run(self, k: int) -> dict:
         torch, B, X, Y = self.torch, self.B, self.X, self.Y
-        net, loss_fn, opt = self.net, self.loss_fn, self.opt
+        net, loss_fn, opt, torch_step = self.net, self.loss_fn, self.opt, benchlib.torch_step
         t0 = time.perf_counter()
         loss_sum = torch.zeros(())
         for _ in range(k):
@@ -211,12 +137,7 @@ class TorchRunner:
                 self.batch = 0
             idx = self.perm[self.batch * B:(self.batch + 1) * B]
             self.batch += 1
-            xb, yb = X.index_select(0, idx), Y.index_select(0, idx)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(xb), yb)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()
+            torch_step(net, loss_fn, opt, X, Y, idx, loss_sum)
         mean_loss = loss_sum.item() / k
         dt = time.perf_counter() - t0
         return {"seconds": dt, "mean_loss": mean_loss}
@@ -337,16 +258,14 @@ def print_table(summary: dict, env: dict, args, cmd: str):
     p = print
     p(f"distffn CPU benchmark: Fashion-MNIST 784-1024-10 ReLU, softmax CE, momentum SGD "
       f"lr 0.05 μ 0.9, 1 worker")
-    p(f"  date {env['date']}   git {env.get('git')}   CPU {env.get('cpu_model')} "
-      f"({env['cpu_count']} logical CPUs)")
+    p(benchlib.machine_line(env))
     blas = env.get("numpy_blas") or {}
     p(f"  numpy {env['numpy']} ({blas.get('name')} {blas.get('version')}, "
       f"{numpy_threads(env)} threads)   torch {env['torch']} ({env['torch_threads']} threads)")
     p(f"  rounds {args.rounds} (alternating distffn, torch, gemm-only), warm-up "
       f">= {args.warmup} steps and >= {args.warmup_s} s before every block, n_train {args.n_train}")
-    p(f"  load average (1/5/15 min) at start {'/'.join('%.2f' % v for v in env['loadavg_start'])}, "
-      f"at end {'/'.join('%.2f' % v for v in env['loadavg_end'])}")
-    p(f"  command: {cmd}")
+    for line in benchlib.context_lines(env, cmd):
+        p(line)
     p("")
     hdr = (f"{'batch':>5}  {'steps':>5}  {'distffn/s':>10}  {'torch/s':>10}  {'ratio':>6}  "
            f"{'(rnd med)':>9}  {'target':>7}  {'':4}  {'GEMM bound/s':>12}  {'of bound':>8}  "
@@ -380,9 +299,7 @@ def print_table(summary: dict, env: dict, args, cmd: str):
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    ap = benchlib.driver_parser(__doc__)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, nargs="+", default=None,
                     help="timed steps per block: one value for every batch size or one per "
@@ -400,18 +317,7 @@ def main(argv=None):
                          "the machine to be >=90%% idle (shared box; 0 = don't wait)")
     ap.add_argument("--job", default=JOB, help="job spec (default jobs/fashion-mnist-mlp.yaml)")
     ap.add_argument("--json", default=None, help="write raw timings and the summary here")
-    args = ap.parse_args(argv)
-    cmd = " ".join(["python", os.path.relpath(sys.argv[0]) if argv is None else "bench_cpu.py",
-                    *(sys.argv[1:] if argv is None else argv)])
-
-    if args.steps is None:
-        steps = {B: default_steps(B) for B in args.batch_sizes}
-    elif len(args.steps) == 1:
-        steps = {B: args.steps[0] for B in args.batch_sizes}
-    elif len(args.steps) == len(args.batch_sizes):
-        steps = dict(zip(args.batch_sizes, args.steps))
-    else:
-        ap.error("--steps takes one value or one per batch size")
+    args, cmd, steps = benchlib.parse_driver_args(ap, argv, "bench_cpu.py")
 
     import torch
     torch.set_num_threads(args.threads)
@@ -422,21 +328,15 @@ def main(argv=None):
         log("threadpoolctl not available: numpy BLAS keeps its default thread count")
 
     from distffn.config import load_job
-    from distffn.trainer import prepare_data
 
-    # The issue's setting: constant lr 0.05, momentum 0.9 (the job file may carry another
-    # schedule; torch runs a constant lr, so pin it here).
-    overrides = ["optimizer.schedule=constant", "optimizer.lr=0.05", "optimizer.momentum=0.9"]
-    if args.limit_train is not None:
-        overrides.append(f"data.limit_train={args.limit_train}")
+    # The issue's setting: constant lr 0.05, momentum 0.9 (see benchlib.OPTIMIZER_OVERRIDES).
+    overrides = benchlib.job_overrides(args.limit_train)
     t0 = time.perf_counter()
-    job0 = load_job(args.job, overrides)
-    ds, data, model = prepare_data(job0)           # the data do not depend on the batch size
+    job0, data, model = benchlib.load_data(args.job, overrides)   # the data do not depend on B
     args.n_train = int(data.x_train.shape[0])
     log(f"loaded {job0.data.dataset}: {args.n_train} training samples "
         f"({data.x_train.dtype}, {time.perf_counter() - t0:.1f} s)")
-    theta0 = np.empty(model.num_params, np.float32)
-    model.init_params(theta0, job0.training.seed)
+    theta0 = benchlib.initial_theta(model, job0.training.seed)
     arrays0 = model.layout.to_arrays(theta0)
 
     env = environment(args.threads)
@@ -497,20 +397,15 @@ def main(argv=None):
     print_table(summary, env, args, cmd)
 
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         out = {"command": cmd, "environment": env,
-               "config": {"job": args.job, "batch_sizes": args.batch_sizes, "rounds": args.rounds,
-                          "steps": {str(b): s for b, s in steps.items()}, "warmup": args.warmup,
-                          "warmup_s": args.warmup_s, "wait_idle": args.wait_idle,
-                          "overrides": overrides, "limit_train": args.limit_train, "n_train": args.n_train,
-                          "threads": args.threads,
-                          "targets": {"torch": {str(b): t for b, t in TORCH_TARGET.items()},
-                                      "gemm_fraction": GEMM_TARGET}},
+               "config": benchlib.config_record(
+                   args, steps, overrides=overrides, limit_train=args.limit_train, n_train=args.n_train,
+                   threads=args.threads,
+                   targets={"torch": {str(b): t for b, t in TORCH_TARGET.items()},
+                            "gemm_fraction": GEMM_TARGET}),
                "blocks": blocks, "gemm_breakdown_s_per_call": breakdown, "summary": summary,
                "bench_seconds": time.perf_counter() - t_start}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        log(f"wrote {args.json}")
+        benchlib.write_json(args.json, out, indent=2)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,8 @@ distffn N=1; Ray N=2 (better mode) >= 1.0× DDP N=2.
 """
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -45,11 +42,10 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import benchlib
+from benchlib import GRAD_FLOATS, JOB, REPO, log, wait_idle
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-JOB = os.path.join(REPO, "jobs", "fashion-mnist-mlp.yaml")
-GRAD_FLOATS = 814_090
-DEFAULT_STEPS = {128: 200, 512: 60}
 
 # name -> (label, kind, workers, aggregation)
 CONFIGS = {
@@ -68,41 +64,7 @@ TARGETS = [  # (label, numerator configs (best of), denominator config, target)
 ]
 
 
-def log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------- machine
-
-_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_ticks():
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    t = os.times()
-    return v[3] + v[4], sum(v[:8]), (t.user + t.system) * _HZ
-
-
-def wait_idle(max_s: float, need: float = 0.9, window: float = 0.25) -> dict:
-    """Wait (up to ``max_s``) until the machine is >= ``need`` idle over one ``window`` (the
-    previous configuration's processes winding down count as busy, as do other tenants)."""
-    t0 = time.perf_counter()
-    idle = None
-    try:
-        while True:
-            i0, n0, s0 = _cpu_ticks()
-            time.sleep(window)
-            i1, n1, s1 = _cpu_ticks()
-            total = max(1, n1 - n0)
-            others = max(0.0, (total - (i1 - i0)) - (s1 - s0))
-            idle = 1.0 - others / total
-            if idle >= need or time.perf_counter() - t0 >= max_s:
-                break
-    except OSError:
-        pass
-    return {"waited_s": time.perf_counter() - t0, "idle_fraction": idle}
-
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -121,20 +83,8 @@ def tool(name: str) -> str:
 
 def environment() -> dict:
     import numpy as np
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_start": list(os.getloadavg()),
-        "numpy": np.__version__,
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            env["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f
-                                     if ln.startswith("model name")), None)
-    except OSError:
-        env["cpu_model"] = None
+    env = benchlib.base_environment(numpy=np.__version__)
+    env["cpu_model"] = benchlib.cpu_model()
     # versions without importing heavy packages into the driver
     from importlib import metadata
     for pkg in ("torch", "ray", "mpi4py", "mpich", "threadpoolctl", "distffn"):
@@ -149,19 +99,9 @@ def environment() -> dict:
                                if ln.strip().startswith("Version")), None)
     except Exception:
         env["mpiexec"] = None
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        env["numpy_blas"] = f"{blas.get('name')} {blas.get('version')}"
-    except Exception:
-        env["numpy_blas"] = None
-    try:
-        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "distffn"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        env["git"] = head + ("+dirty(distffn/)" if dirty else "")
-    except Exception:
-        env["git"] = None
+    blas = benchlib.numpy_blas(("name", "version"))
+    env["numpy_blas"] = None if blas is None else f"{blas['name']} {blas['version']}"
+    env["git"] = benchlib.git_rev()
     return env
 
 
@@ -232,23 +172,22 @@ def run_config(name: str, args, batch_sizes: list, steps: dict, tmp: str, tag: s
     return res, err
 
 
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` (0: only probe) to process group ``pgid``; False if it is gone (or not ours)."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
 def _kill_group(p):
     """Stop the process group of ``p`` (started with start_new_session=True), if anything is left."""
     for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
-        try:
-            os.killpg(p.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            break
-        try:
-            os.killpg(p.pid, sig)
-        except (ProcessLookupError, PermissionError):
+        if not _signal_group(p.pid, 0) or not _signal_group(p.pid, sig):
             break
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < grace:
-            try:
-                os.killpg(p.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                break
+        while time.perf_counter() - t0 < grace and _signal_group(p.pid, 0):
             time.sleep(0.1)
     try:
         p.wait(timeout=5)
@@ -330,16 +269,14 @@ def print_table(summary: dict, env: dict, args, cmd: str, configs: list, steps: 
     p = print
     p("distffn distributed benchmark: Fashion-MNIST 784-1024-10 ReLU, softmax CE, momentum SGD "
       "lr 0.05 μ 0.9, one machine, loopback")
-    p(f"  date {env['date']}   git {env.get('git')}   CPU {env.get('cpu_model')} "
-      f"({env['cpu_count']} logical CPUs)")
+    p(benchlib.machine_line(env))
     p(f"  python {env['python']}  numpy {env['numpy']} ({env.get('numpy_blas')})  torch {env.get('torch')}  "
       f"ray {env.get('ray')}  mpi4py {env.get('mpi4py')}  MPICH/hydra {env.get('mpiexec')}")
     p(f"  rounds {args.rounds} (each config a fresh process per round, order rotated every round), "
       f"steps per timed block " + ", ".join(f"{s} at B={b}" for b, s in steps.items())
       + f", warm-up >= {args.warmup} steps and >= {args.warmup_s} s")
-    p(f"  load average (1/5/15 min) at start {'/'.join('%.2f' % v for v in env['loadavg_start'])}, "
-      f"at end {'/'.join('%.2f' % v for v in env['loadavg_end'])}")
-    p(f"  command: {cmd}")
+    for line in benchlib.context_lines(env, cmd):
+        p(line)
     p("")
     bs = [b for b in summary if b != "communication_alone"]
     hdr = f"{'configuration':<22}" + "".join(
@@ -410,9 +347,7 @@ def print_table(summary: dict, env: dict, args, cmd: str, configs: list, steps: 
 # ---------------------------------------------------------------- main
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    ap = benchlib.driver_parser(__doc__)
     ap.add_argument("--rounds", type=int, default=7,
                     help="rounds of all configurations (default 7: ~5-6 min on 2 cores, ~45 s a round)")
     ap.add_argument("--steps", type=int, nargs="+", default=None,
@@ -432,17 +367,7 @@ def main(argv=None):
     ap.add_argument("--error-lines", type=int, default=25, help="log lines shown for a failed process")
     ap.add_argument("--job", default=JOB)
     ap.add_argument("--json", default=None, help="write raw results and the summary here")
-    args = ap.parse_args(argv)
-    cmd = " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), os.getcwd())
-                    if argv is None else "bench_distributed.py", *(sys.argv[1:] if argv is None else argv)])
-    if args.steps is None:
-        steps = {B: DEFAULT_STEPS.get(B, max(10, round(25600 / B))) for B in args.batch_sizes}
-    elif len(args.steps) == 1:
-        steps = {B: args.steps[0] for B in args.batch_sizes}
-    elif len(args.steps) == len(args.batch_sizes):
-        steps = dict(zip(args.batch_sizes, args.steps))
-    else:
-        ap.error("--steps takes one value or one per batch size")
+    args, cmd, steps = benchlib.parse_driver_args(ap, argv, "bench_distributed.py")
     configs = list(dict.fromkeys(args.configs))
 
     env = environment()
@@ -479,20 +404,15 @@ def main(argv=None):
     summary = summarize(blocks, extras, args.batch_sizes, configs)
     print_table(summary, env, args, cmd, configs, steps, failures)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         out = {"command": cmd, "environment": env,
-               "config": {"job": args.job, "batch_sizes": args.batch_sizes, "rounds": args.rounds,
-                          "steps": {str(b): s for b, s in steps.items()}, "warmup": args.warmup,
-                          "warmup_s": args.warmup_s, "wait_idle": args.wait_idle,
-                          "comm_reps": args.comm_reps, "limit_train": args.limit_train,
-                          "configs": {c: CONFIGS[c][0] for c in configs},
-                          "targets": [{"label": l, "numerator_best_of": list(n), "denominator": d,
-                                       "target": t} for l, n, d, t in TARGETS]},
+               "config": benchlib.config_record(
+                   args, steps, comm_reps=args.comm_reps, limit_train=args.limit_train,
+                   configs={c: CONFIGS[c][0] for c in configs},
+                   targets=[{"label": l, "numerator_best_of": list(n), "denominator": d,
+                             "target": t} for l, n, d, t in TARGETS]),
                "blocks": blocks, "processes": extras, "failures": failures, "summary": summary,
                "bench_seconds": time.perf_counter() - t_start}
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        log(f"wrote {args.json}")
+        benchlib.write_json(args.json, out, indent=1)
     return 1 if failures else 0
 
 
