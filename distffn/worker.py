@@ -27,6 +27,8 @@ def _injected_fault(rank: int):
 
 
 class Worker:
+    """Worker ``rank`` of ``num_workers``: ΔΘ for its shard of each global batch (see module doc)."""
+
     def __init__(self, job: JobConfig, x_train, t_train, labels_train, rank: int = 0,
                  num_workers: int = 1, xp=np):
         self.job, self.rank, self.num_workers, self.xp = job, rank, num_workers, xp
