@@ -57,10 +57,9 @@ class ReLU(Activation):
         xp.maximum(z, 0, out=a)
 
     def backward(self, xp, z, a, da, dz, alpha=None, dalpha=None):
-        mask = self._masks.get(z.shape)
-        if mask is None or xp is not self._masks.get("xp"):
+        mask = self._masks.get(z.shape)     # one activation per model, so one array module
+        if mask is None:
             mask = self._masks[z.shape] = xp.empty(z.shape, bool, order="F")
-            self._masks["xp"] = xp
         xp.greater(z, 0, out=mask)
         xp.multiply(da, mask, out=dz)
 

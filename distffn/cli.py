@@ -110,7 +110,8 @@ def _abort_mpi_world(code: int):
 
 
 def _rank_prefix() -> str:
-    rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK")
+    from .backends.mpi import launcher_rank
+    rank = launcher_rank()
     return f"(rank {rank}) " if rank not in (None, "0") else ""
 
 

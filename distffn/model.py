@@ -23,7 +23,6 @@ from .losses import Objective
 ORDER = "F"
 
 
-
 @dataclass(frozen=True)
 class ParamSpec:
     name: str

@@ -31,9 +31,17 @@ class WorkerTimeout(WorkerFailed):
     """Some ranks did not reach a step within ``scaling.timeout_s``."""
 
 
+_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")   # MPICH/Slurm, Open MPI, PMIx
+
+
 def under_mpi() -> bool:
     """True when this process was started by mpiexec (MPICH, Open MPI, Slurm's PMI)."""
-    return any(k in os.environ for k in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"))
+    return launcher_rank() is not None or any(k in os.environ for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+
+
+def launcher_rank():
+    """This process's rank as mpiexec announced it, without initialising MPI (None outside)."""
+    return next((os.environ[k] for k in _RANK_VARS if k in os.environ), None)
 
 
 def world():

@@ -88,7 +88,7 @@ class _WorkerActor:
         """
         if previous is not None:
             self.apply(*previous, *grads)
-        return self.compute(None, epoch, batch_index)
+        return self.compute(None, epoch, batch_index), True    # ΔΘ for the others, flag for the driver
 
     def apply(self, lr, count, *grads):
         """allreduce mode: sum every worker's ΔΘ in rank order, then the common update."""
@@ -209,8 +209,8 @@ class RayBackend(Backend):
     def _get(self, refs, what: str, fetch: bool = True):
         """Wait for ``refs`` with the job's timeout; name the workers that failed or never answered.
 
-        ``fetch=False`` only waits: a step's ΔΘ and Θ stay in the object store instead of being
-        pulled into the driver; they are read only to name a failure.
+        ``fetch=False`` is for a step: ``refs`` are the workers' ΔΘ followed by small flags, and
+        only the flags are read; ΔΘ and Θ stay in the object store (read only to name a failure).
         """
         ray = self.ray
         ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=self.timeout,
@@ -220,7 +220,7 @@ class RayBackend(Backend):
             raise WorkerFailed(f"{', '.join(missing)} did not finish {what} within "
                                f"scaling.timeout_s={self.timeout:g} s")
         try:
-            return ray.get(list(refs)) if fetch else ray.get(refs[-1])
+            return ray.get(list(refs) if fetch else list(refs[self.num_workers:]))
         except ray.exceptions.RayError:
             for i, ref in enumerate(refs):          # the first ref that holds an error names it
                 try:
@@ -260,10 +260,11 @@ class RayBackend(Backend):
             self.theta_ref, ok = self.aggregator.apply.options(num_returns=2).remote(lr, batch_len, *grads)
             pending = (grads + [ok], what)
         else:
-            grads = [w.step.remote(self._unapplied, epoch, batch_index, *self._last_grads)
-                     for w in self.workers]
+            pairs = [w.step.options(num_returns=2).remote(self._unapplied, epoch, batch_index,
+                                                          *self._last_grads) for w in self.workers]
+            grads, flags = [g for g, _ in pairs], [ok for _, ok in pairs]
             self._unapplied, self._last_grads = (lr, batch_len), grads
-            pending = (grads, what)
+            pending = (grads + flags, what)
         # one step in flight: submitting step s+1 overlaps the tail of step s
         if self._pending is not None:
             self._get(*self._pending, fetch=False)
