@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from .errors import UserError, WorkerFailed
 
@@ -106,6 +107,9 @@ def _abort_mpi_world(code: int):
         comm = world().COMM_WORLD
         if comm.Get_size() > 1:
             sys.stderr.flush()
+            # mpiexec forwards each rank's output asynchronously; aborting at once can kill the
+            # forwarders before they pass the message on (seen in CI: exit 1, empty stderr)
+            time.sleep(0.5)
             comm.Abort(code)
 
 
