@@ -7,8 +7,8 @@
 
 One process (or one MPI world) runs every batch size in turn: build the backend (start-up
 untimed), warm up (>= --warmup steps and >= --warmup-s seconds, untimed), then one timed block
-of K consecutive global steps over consecutive batches of the epoch permutation followed by
-train_totals() (the trainer's stats sync). samples/s = K·B / seconds; the per-phase breakdown
+of K consecutive global steps over consecutive batches of the epoch permutation, with
+train_totals() (the trainer's stats sync) every Trainer.log_every steps and at the end. samples/s = K·B / seconds; the per-phase breakdown
 comes from backend.pop_times() over the timed steps. The root process writes one JSON file.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 import benchlib
+from distffn.backends.base import Totals
 from benchlib import GRAD_FLOATS, median_time_ms, steal_idle
 
 
@@ -30,20 +31,34 @@ def log(msg):
 
 
 class Stepper:
-    """Consecutive global batches over the epochs (full batches only), constant lr."""
+    """Consecutive global batches over the epochs (full batches only), constant lr, and the
+    trainer's pull of the totals every Trainer.log_every steps (so Ray's allreduce mode
+    sends the same chunks of steps as in a real run)."""
 
     def __init__(self, backend, n, B, lr):
+        from distffn.trainer import Trainer
         self.be, self.B, self.lr = backend, B, lr
         self.full = n // B
-        self.epoch = self.batch = 0
+        self.epoch = self.batch = self.steps = 0
+        self.log_every = Trainer.log_every
+        self.totals = Totals()
 
     def run(self, k):
         be, B, lr = self.be, self.B, self.lr
         for _ in range(k):
             be.train_step(self.epoch, self.batch, B, lr)
+            self.steps += 1
             self.batch += 1
             if self.batch == self.full:
                 self.epoch, self.batch = self.epoch + 1, 0
+            if self.steps % self.log_every == 0:
+                self.pull()
+
+    def pull(self):
+        """The totals since the last pull, added to ``self.totals``; returns them all."""
+        t = self.be.train_totals()
+        self.totals.add(t.loss_sum, t.correct, t.count)
+        return self.totals
 
 
 def main():
@@ -76,12 +91,7 @@ def main():
     n = int(data.x_train.shape[0])
     theta0 = benchlib.initial_theta(model, job0.training.seed)
 
-    if args.backend == "local":
-        from distffn.backends.local import LocalBackend as Backend
-    elif args.backend == "mpi":
-        from distffn.backends.mpi import MPIBackend as Backend
-    else:
-        from distffn.backends.ray import RayBackend as Backend
+    from distffn.backends import make_backend
 
     result = {"backend": args.backend, "aggregation": args.aggregation, "workers": args.workers,
               "num_params": int(model.num_params), "n_train": n, "blocks": []}
@@ -90,7 +100,7 @@ def main():
     for i, B in enumerate(args.batch_sizes):
         job = load_job(args.job, base + [f"training.batch_size={B}"])
         t0 = time.perf_counter()
-        be = Backend(job, data)
+        be = make_backend(job, data)
         root = be.is_root
         be.init_state(theta0.copy(), np.zeros_like(theta0), 0)
         placement = be.placement()              # Ray: waits until the actors are up
@@ -110,10 +120,11 @@ def main():
         k = steps[B]
         if mpi_comm is not None:
             mpi_comm.Barrier()
+        st.totals = Totals()
         s0 = steal_idle()
         t0 = time.perf_counter()
         st.run(k)
-        tot = be.train_totals()
+        tot = st.pull()
         dt = time.perf_counter() - t0
         s1 = steal_idle()
         times = be.pop_times().as_dict()

@@ -6,7 +6,9 @@ momentum SGD, constant lr 0.05, μ 0.9) at global batch 128 and 512, in these co
 
   distffn N=1      LocalBackend, one process, BLAS threads = all CPUs
   MPI N=2          mpiexec -n 2 (MPIBackend: 1 BLAS thread per rank), aggregation allreduce / central
-  Ray N=2          RayBackend, embedded Ray on loopback (1 CPU per actor), allreduce / central
+  Ray N=2          embedded Ray on loopback (1 CPU per actor): allreduce (the actors form one
+                   MPI communicator, steps sent in chunks of Trainer.log_every) / central
+                   (an aggregator actor, one round of Ray tasks per step)
   DDP N=1, N=2     torchrun --nproc_per_node N, DistributedDataParallel over gloo, torch threads
                    = CPUs / N, same model, initial weights, data, shards and global batch
 
@@ -14,7 +16,8 @@ Each configuration runs in a fresh process (or MPI world / torchrun job) per rou
 rounds alternate the configurations (rotating their order each round). Inside, for every
 batch size: start-up (untimed; Ray's takes seconds), warm-up >= --warmup steps and
 >= --warmup-s seconds (untimed), then one timed block of K consecutive global steps over
-consecutive batches plus one stats sync (distffn: train_totals(); DDP: one all_reduce and
+consecutive batches with distffn's stats sync every 50 steps, as in the trainer, and at the
+end (distffn: train_totals(); DDP, at the end only: one all_reduce and
 .item() of the summed loss). samples/s = K·B / seconds. Helpers: bench/_dist_distffn.py and
 bench/_dist_ddp.py.
 
@@ -322,7 +325,7 @@ def print_table(summary: dict, env: dict, args, cmd: str, configs: list, steps: 
         p(f"  {what:<30} {fmt(v['median'], '7.3f'):>7} [{fmt(v['min'], '.3f')}]"
           + (times_floor(v["median"]) if key != "copy_floor_ms" else ""))
     p("per training step, distffn's own breakdown (medians over rounds; communication = handshake + "
-      "collectives for MPI, driver wall − slowest compute − update for Ray):")
+      "collectives for MPI and Ray allreduce, driver wall − slowest compute − update for Ray central):")
     p(f"  {'configuration':<20} {'batch':>5}  {'comm ms (min–max)':>20} {'×copy':>6}  {'compute':>7} "
       f"{'update':>6} {'waiting':>7}")
     for c in configs:

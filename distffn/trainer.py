@@ -192,9 +192,9 @@ class Trainer:
                     if root:
                         self._save(state, theta, velocity)
                     t_epoch += time.perf_counter() - t_pause    # checkpoint time is not training time
+            self._pull(backend, totals, state)    # a backend may still be running queued steps
             epoch_time = time.perf_counter() - t_epoch
             bar.close()
-            self._pull(backend, totals, state)
             state.epoch, state.batch = epoch + 1, 0
             train_time += epoch_time
             train_samples += epoch_samples

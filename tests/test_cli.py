@@ -348,3 +348,12 @@ def test_resume_of_a_finished_run_reports_and_changes_nothing(tmp_path, capsys):
     assert run_cli(job, "--out", str(out), "--resume") == 0
     assert "nothing to do" in capsys.readouterr().out
     assert ckpt.list_checkpoints(str(out / "checkpoints")) == before
+
+
+def test_ray_allreduce_without_mpi4py_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)          # as if the package were missing
+    job = write_job(tmp_path, scaling={"backend": "ray", "num_workers": 2, "aggregation": "allreduce"})
+    user_error(capsys, ["run", job, "--out", str(tmp_path / "run")],
+               "scaling.aggregation", "mpi4py", "central")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")

@@ -183,9 +183,11 @@ def test_ray_workers_match_one_worker(ray_instance, reference, tmp_path, n, mode
     assert_same_model(reference, tmp_path / "run")
 
 
-def test_ray_worker_that_raises_ends_the_job(ray_instance, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("mode", ["central", "allreduce"])
+def test_ray_worker_that_raises_ends_the_job(ray_instance, tmp_path, monkeypatch, capsys, mode):
     monkeypatch.setenv("DISTFFN_INJECT_FAULT", "1:3")
-    job = write_job(tmp_path, scaling={"backend": "ray", "num_workers": 2, "timeout_s": 60})
+    job = write_job(tmp_path, scaling={"backend": "ray", "num_workers": 2, "timeout_s": 60,
+                                       "aggregation": mode})
     t0 = time.monotonic()
     code = main(["run", job, "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
@@ -200,9 +202,11 @@ def test_ray_worker_that_raises_ends_the_job(ray_instance, tmp_path, monkeypatch
     assert ray_instance.available_resources().get("CPU", 0) == total
 
 
-def test_ray_worker_that_stalls_is_named_after_the_timeout(ray_instance, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("mode", ["central", "allreduce"])
+def test_ray_worker_that_stalls_is_named_after_the_timeout(ray_instance, tmp_path, monkeypatch, capsys, mode):
     monkeypatch.setenv("DISTFFN_INJECT_FAULT", "0:2:hang")
-    job = write_job(tmp_path, scaling={"backend": "ray", "num_workers": 2, "timeout_s": 4})
+    job = write_job(tmp_path, scaling={"backend": "ray", "num_workers": 2, "timeout_s": 4,
+                                       "aggregation": mode})
     t0 = time.monotonic()
     code = main(["run", job, "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
@@ -212,10 +216,12 @@ def test_ray_worker_that_stalls_is_named_after_the_timeout(ray_instance, tmp_pat
 
 # ---------------------------------------------------------------- a two-node Ray cluster
 
-def test_two_node_ray_cluster_on_loopback(tmp_path, ray_instance):
+@pytest.mark.parametrize("mode", ["central", "allreduce"])
+def test_two_node_ray_cluster_on_loopback(tmp_path, ray_instance, reference, mode):
     """`ray start --head` plus a second `ray start --address` in a private network namespace
-    (loopback only): the job's workers (placement group, SPREAD) land on both nodes, and
-    everything is torn down afterwards."""
+    (loopback only): the job's workers (placement group, SPREAD) land on both nodes, train to
+    the 1-worker model (allreduce: over MPI between the nodes), and everything is torn down
+    afterwards."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "--net", "true"]).returncode:
         pytest.skip("needs `unshare --net` (root) for a loopback-only network namespace")
     ray_instance.shutdown()                          # free the cores; this test runs its own
@@ -224,12 +230,14 @@ def test_two_node_ray_cluster_on_loopback(tmp_path, ray_instance):
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)     # multi-node needs Ray's default
     out = tmp_path / "run"
     r = run_group(["unshare", "--net", "bash", script, write_job(tmp_path), "--out", str(out),
-                   "--no-progress"], timeout=300, env=env)
+                   "--no-progress", "--set", f"scaling.aggregation={mode}"], timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "two-node Ray cluster at 127.0.0.1:" in r.stdout
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert start["num_workers"] == 2 and len(set(start["placement"])) == 2
-    assert subprocess.run(["pgrep", "-f", "raylet"], capture_output=True).returncode != 0
+    assert_same_model(reference, out)
+    for leftover in ("raylet", "hydra_pmi_proxy"):
+        assert subprocess.run(["pgrep", "-f", leftover], capture_output=True).returncode != 0, leftover
 
 
 @needs_mpi

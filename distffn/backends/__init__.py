@@ -14,9 +14,12 @@ def make_backend(job, data):
     if name == "local":
         from .local import LocalBackend
         return LocalBackend(job, data)
+    if name == "ray" and job.scaling.aggregation == "allreduce":
+        from .ray_allreduce import RayAllreduceBackend
+        return RayAllreduceBackend(job, data)
     if name == "ray":
-        from .ray import RayBackend
-        return RayBackend(job, data)
+        from .ray import RayCentralBackend
+        return RayCentralBackend(job, data)
     if name == "mpi":
         from .mpi import MPIBackend
         return MPIBackend(job, data)

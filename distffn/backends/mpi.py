@@ -53,14 +53,20 @@ def world():
 
 
 class MPIBackend(Backend):
-    def __init__(self, job, data: Data):
+    """Every rank of ``comm`` (the MPI world unless given) holds one worker.
+
+    ``blas_threads``: BLAS threads for this rank; by default the node's cores shared among
+    the ranks on it. The Ray backend passes its own communicator and its actors' CPUs.
+    """
+
+    def __init__(self, job, data: Data, comm=None, blas_threads: int | None = None):
         MPI = world()
-        self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        self.MPI, self.comm = MPI, MPI.COMM_WORLD if comm is None else comm
         self.rank, self.num_workers = self.comm.Get_rank(), self.comm.Get_size()
         self.is_root = self.rank == 0
         self.job, self.mode = job, job.scaling.aggregation
         self.timeout = job.scaling.timeout_s
-        self._limit_blas_threads()
+        self._limit_blas_threads(blas_threads)
         self.xp = xp = get_array_module(job.scaling.use_gpu)
         self.worker = Worker(job, data.x_train, data.t_train, data.labels_train,
                              self.rank, self.num_workers, xp)
@@ -71,11 +77,12 @@ class MPIBackend(Backend):
         self.times, self._compute = StepTimes(), []
         self._seq = 0                      # collectives so far: the handshake's tag
 
-    def _limit_blas_threads(self):
+    def _limit_blas_threads(self, per_rank: int | None):
         """One BLAS thread pool per core: N ranks on one node share its cores."""
-        local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
-        per_rank = max(1, (os.cpu_count() or 1) // local.Get_size())
-        local.Free()
+        if per_rank is None:
+            local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+            per_rank = max(1, (os.cpu_count() or 1) // local.Get_size())
+            local.Free()
         try:
             from threadpoolctl import threadpool_limits
             self._threads = threadpool_limits(per_rank, user_api="blas")
@@ -134,7 +141,7 @@ class MPIBackend(Backend):
             req = comm.irecv(source=0, tag=_GO)
             while not req.test()[0]:
                 if time.monotonic() > deadline:
-                    raise WorkerTimeout(f"rank 0 (the aggregator) did not answer at {what} "
+                    raise WorkerTimeout(f"worker 0 (MPI rank 0) did not answer at {what} "
                                         f"within scaling.timeout_s={self.timeout:g} s")
 
     def train_step(self, epoch, batch_index, batch_len, lr):
