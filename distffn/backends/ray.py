@@ -104,6 +104,13 @@ class RayBackend(Backend):
         names = names or [f"worker {i}" for i in range(len(refs))]
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        if len(refs) == 1:                  # the per-step wait of central mode: one call
+            try:
+                return [ray.get(refs[0], timeout=timeout)]
+            except ray.exceptions.GetTimeoutError:
+                pass                        # named below
+            except ray.exceptions.RayError as e:
+                raise _named_failure(e, names[0], what) from None
         pending = refs
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, fetch_local=False,
