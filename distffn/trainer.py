@@ -13,7 +13,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from .backends import make_backend
-from .backends.base import Data, Totals
+from .backends.base import Data, StepTimes, Totals
 from .config import JobConfig
 from .data import load_dataset
 from .errors import UserError
@@ -167,6 +167,7 @@ class Trainer:
         train_samples = 0
         best_acc = None
         last = {}
+        run_times = StepTimes()         # the whole run's per-step breakdown, for summary.json
         lr = learning_rate(job.optimizer, state.step, total_steps)
         finished_before = state.epoch >= epochs      # the same on every rank (collectives follow)
         while state.epoch < epochs:
@@ -200,6 +201,7 @@ class Trainer:
             train_samples += epoch_samples
             test = backend.evaluate()
             times = backend.pop_times()
+            run_times.add(times)
             theta, velocity = backend.state()
             if root:
                 self._save(state, theta, velocity)
@@ -221,7 +223,8 @@ class Trainer:
             "backend": job.scaling.backend, "num_workers": backend.num_workers,
             "wall_time_s": round(time.perf_counter() - t_start, 3),
             "train_time_s": round(train_time, 3),
-            "samples_per_s": round(train_samples / train_time, 1) if train_time else None}
+            "samples_per_s": round(train_samples / train_time, 1) if train_time else None,
+            **run_times.as_dict(), "ms_per_step": run_times.per_step_ms()}
         if root:
             with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)

@@ -67,6 +67,13 @@ def test_run_writes_the_run_directory(tmp_path, capsys):
     assert epochs[-1]["test_accuracy"] == epochs[-1]["test_correct"] / epochs[-1]["test_count"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] == epochs[-1]["test_accuracy"] > 0.85
+    # the run's per-step time breakdown: the epochs' phases summed, and per step
+    assert summary["time_steps"] == summary["step"] == sum(e["time_steps"] for e in epochs)
+    for phase in ("compute", "communication", "update", "waiting"):
+        total = sum(e[f"time_{phase}_s"] for e in epochs)
+        assert summary[f"time_{phase}_s"] == pytest.approx(total, abs=1e-5)
+        assert summary["ms_per_step"][phase] == pytest.approx(1e3 * total / summary["step"], abs=1e-3)
+    assert summary["ms_per_step"]["compute"] > 0
     steps = [s for s, _ in ckpt.list_checkpoints(str(out / "checkpoints"))]
     assert steps[0] == 0 and steps[-1] == summary["step"]
 

@@ -28,6 +28,16 @@ class StepTimes:
     waiting: float = 0.0        # idle: the slowest worker's lead over the others
     steps: int = 0
 
+    def add(self, other: "StepTimes"):
+        for k in ("compute", "communication", "update", "waiting", "steps"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    def per_step_ms(self) -> dict:
+        """Milliseconds per step in each phase (the run's breakdown at a glance)."""
+        n = max(1, self.steps)
+        return {k: round(1e3 * getattr(self, k) / n, 4)
+                for k in ("compute", "communication", "update", "waiting")}
+
     def as_dict(self, prefix: str = "time_") -> dict:
         d = {f"{prefix}{k}_s": round(getattr(self, k), 6)
              for k in ("compute", "communication", "update", "waiting")}

@@ -27,6 +27,17 @@ from .base import Backend, Data, StepTimes, Totals
 _ARRIVE, _GO = 11, 12
 
 
+POLLS_BEFORE_YIELD = 1000      # as MPICH's own busy-wait (MPIR_CVAR_POLLS_BEFORE_YIELD)
+
+
+def _poll(polls: int) -> int:
+    """One more poll of a busy wait: spin first (the others are usually microseconds
+    away), then yield the core, so that with more ranks than cores the late ones can run."""
+    if polls >= POLLS_BEFORE_YIELD:
+        os.sched_yield()
+    return polls + 1
+
+
 class WorkerTimeout(WorkerFailed):
     """Some ranks did not reach a step within ``scaling.timeout_s``."""
 
@@ -120,6 +131,7 @@ class MPIBackend(Backend):
             return
         comm, tag = self.comm, self._seq % 32768          # MPI guarantees tags up to 32767
         deadline = time.monotonic() + self.timeout
+        polls = 0
         if self.is_root:
             pending = {r: comm.irecv(source=r, tag=_ARRIVE) for r in range(1, self.num_workers)}
             while pending:
@@ -134,6 +146,7 @@ class MPIBackend(Backend):
                 if pending and time.monotonic() > deadline:
                     raise WorkerTimeout(f"worker(s) {sorted(pending)} (MPI ranks) did not reach "
                                         f"{what} within scaling.timeout_s={self.timeout:g} s")
+                polls = _poll(polls)
             for r in range(1, self.num_workers):
                 comm.send(tag, dest=r, tag=_GO)
         else:
@@ -143,6 +156,7 @@ class MPIBackend(Backend):
                 if time.monotonic() > deadline:
                     raise WorkerTimeout(f"worker 0 (MPI rank 0) did not answer at {what} "
                                         f"within scaling.timeout_s={self.timeout:g} s")
+                polls = _poll(polls)
 
     def train_step(self, epoch, batch_index, batch_len, lr):
         MPI, comm = self.MPI, self.comm
