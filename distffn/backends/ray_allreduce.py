@@ -20,7 +20,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from ..errors import UserError
+from ..errors import UserError, WorkerFailed
 from .base import Data
 from .ray import RayBackend
 
@@ -105,7 +105,11 @@ class RayAllreduceBackend(RayBackend):
         port = self._get([self.workers[0].open_port.remote()], "start-up")[0]
         for r in range(1, n):
             joined = [w.accept.remote(port) for w in self.workers[:r]] + [self.workers[r].connect.remote(port)]
-            ranks = self._get(joined, "joining the MPI communicator (MPI_Comm_accept / MPI_Comm_connect)")
+            try:
+                ranks = self._get(joined, "joining the MPI communicator (MPI_Comm_accept / MPI_Comm_connect)")
+            except WorkerFailed as e:
+                raise WorkerFailed(f"{e}; if MPI cannot connect between these Ray nodes, use "
+                                   f"scaling.aggregation=central (Ray only)") from None
             if ranks != list(range(r + 1)):
                 raise UserError(f"scaling.backend: the Ray workers joined MPI with ranks {ranks}, "
                                 f"not {list(range(r + 1))}")
