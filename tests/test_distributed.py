@@ -194,12 +194,16 @@ def test_ray_worker_that_raises_ends_the_job(ray_instance, tmp_path, monkeypatch
     assert code == 1
     assert "worker 1 failed" in err and "injected fault" in err and "Traceback" not in err
     assert time.monotonic() - t0 < 60
-    # torn down: the actors and their placement group gave every CPU back
-    total = ray_instance.cluster_resources()["CPU"]
-    deadline = time.monotonic() + 20
-    while ray_instance.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+    assert_cpus_released(ray_instance)
+
+
+def assert_cpus_released(ray, within_s=20):
+    """Torn down: the actors and their placement group gave every CPU back."""
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + within_s
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert ray_instance.available_resources().get("CPU", 0) == total
+    assert ray.available_resources().get("CPU", 0) == total
 
 
 @pytest.mark.parametrize("mode", ["central", "allreduce"])
@@ -212,6 +216,17 @@ def test_ray_worker_that_stalls_is_named_after_the_timeout(ray_instance, tmp_pat
     err = capsys.readouterr().err
     assert code == 1 and "worker 0" in err and "timeout_s=4" in err
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize("mode", ["central", "allreduce"])
+def test_ray_job_larger_than_the_cluster_is_a_clear_error(ray_instance, tmp_path, capsys, mode):
+    job = write_job(tmp_path, scaling={"backend": "ray", "num_workers": 8, "timeout_s": 2,
+                                       "aggregation": mode})
+    code = main(["run", job, "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "scaling.num_workers" in err and "cannot place 8 workers" in err, err
+    assert "Traceback" not in err
+    assert_cpus_released(ray_instance)
 
 
 # ---------------------------------------------------------------- a two-node Ray cluster

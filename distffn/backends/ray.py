@@ -43,7 +43,7 @@ class RayBackend(Backend):
     waiting on actors with the job's timeout, and the teardown."""
 
     def __init__(self, job, data: Data):
-        self.job, self.mode = job, job.scaling.aggregation
+        self.job = job
         self.num_workers = n = job.scaling.num_workers
         self.timeout = job.scaling.timeout_s
         address = job.scaling.address or os.environ.get("RAY_ADDRESS")
@@ -217,12 +217,13 @@ class _AggregatorActor:
 class RayCentralBackend(RayBackend):
     """``aggregation: central``: worker actors compute ΔΘ, an aggregator actor updates Θ."""
 
+    aggregator = None                   # until init_state
+
     def _start(self):
         Actor = self.ray.remote(_WorkerActor)
         n = self.num_workers
         self.workers = [Actor.options(**self._actor_options(r)).remote(self.job, *self.data_refs, r, n, self.cpus)
                         for r in range(n)]
-        self.aggregator = None
         self.times = StepTimes()
         self._wall = 0.0
         self._pending = None
