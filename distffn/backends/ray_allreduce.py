@@ -118,6 +118,7 @@ class RayAllreduceBackend(RayBackend):
         self._healthy = True
 
     def init_state(self, theta, velocity, step):
+        theta, velocity = self.ray.put(theta), self.ray.put(velocity)      # once, for every actor
         self._get([w.init_state.remote(theta, velocity, step) for w in self.workers], "start-up")
 
     def train_step(self, epoch, batch_index, batch_len, lr):
