@@ -229,6 +229,18 @@ def test_ray_job_larger_than_the_cluster_is_a_clear_error(ray_instance, tmp_path
     assert_cpus_released(ray_instance)
 
 
+def test_ray_allreduce_worker_that_cannot_start_is_named(ray_instance, tmp_path, capsys, monkeypatch):
+    """A node without the driver's mpiexec: the message says which command must run there."""
+    from distffn.backends import ray_allreduce
+    monkeypatch.setattr(ray_allreduce, "_mpi_launcher", lambda: f"/nonexistent/mpiexec -n 1 {sys.executable}")
+    job = write_job(tmp_path, scaling={"backend": "ray", "num_workers": 2, "timeout_s": 3,
+                                       "aggregation": "allreduce"})
+    code = main(["run", job, "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "worker 0 did not finish start-up" in err and "/nonexistent/mpiexec" in err, err
+    assert_cpus_released(ray_instance)
+
+
 # ---------------------------------------------------------------- a two-node Ray cluster
 
 @pytest.mark.parametrize("mode", ["central", "allreduce"])

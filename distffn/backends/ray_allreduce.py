@@ -102,7 +102,11 @@ class RayAllreduceBackend(RayBackend):
         Actor = ray.remote(_RankActor)
         self.workers = [Actor.options(**self._actor_options(r, {"py_executable": launcher})).remote()
                         for r in range(n)]
-        port = self._get([self.workers[0].open_port.remote()], "start-up")[0]
+        try:
+            port = self._get([self.workers[0].open_port.remote()], "start-up")[0]
+        except WorkerFailed as e:
+            raise WorkerFailed(f"{e}; its process starts as `{launcher}` (Ray's py_executable), "
+                               f"which must run on every Ray node") from None
         for r in range(1, n):
             joined = [w.accept.remote(port) for w in self.workers[:r]] + [self.workers[r].connect.remote(port)]
             try:
