@@ -184,6 +184,20 @@ def test_ray_workers_match_one_worker(ray_instance, reference, tmp_path, n, mode
 
 
 @pytest.mark.parametrize("mode", ["central", "allreduce"])
+def test_ray_resumes_a_one_worker_checkpoint(ray_instance, reference, tmp_path, mode):
+    """Checkpoints are one format everywhere: epoch 1 on one local worker, epoch 2 on three
+    Ray workers (Θ and the velocity restored) end where the one-worker run ends."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for step, path in ckpt.list_checkpoints(str(reference / "checkpoints")):
+        if step <= 3:                                        # the end of epoch 1
+            shutil.copy(path, run / "checkpoints")
+    job = from_dict(job_dict(scaling={"backend": "ray", "num_workers": 3, "aggregation": mode}))
+    Trainer(job, str(run), resume=True, progress=False, echo=lambda s: None).run()
+    assert_same_model(reference, run)
+
+
+@pytest.mark.parametrize("mode", ["central", "allreduce"])
 def test_ray_worker_that_raises_ends_the_job(ray_instance, tmp_path, monkeypatch, capsys, mode):
     monkeypatch.setenv("DISTFFN_INJECT_FAULT", "1:3")
     job = write_job(tmp_path, scaling={"backend": "ray", "num_workers": 2, "timeout_s": 60,
