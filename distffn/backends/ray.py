@@ -23,6 +23,9 @@ from ..xp import get_array_module, to_numpy
 from .base import Backend, Data, StepTimes, Totals
 
 def _import_ray(local: bool):
+    # a worker's failure reaches the user once, named, through RayBackend._get; the refs a
+    # failed step leaves behind (never fetched) must not add Ray's "Unhandled error" traceback
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     if local:
         # Ray rewrites 127.0.0.1 to this host's outward address unless told it runs a
         # single-machine instance; keep the embedded instance on loopback only.
