@@ -197,17 +197,21 @@ def test_ray_resumes_a_one_worker_checkpoint(ray_instance, reference, tmp_path, 
     assert_same_model(reference, run)
 
 
+def run_ray_cli(tmp_path, capsys, mode, **scaling):
+    """`distffn run` on the module's Ray instance: (exit code, stderr, seconds)."""
+    job = write_job(tmp_path, scaling={"backend": "ray", "num_workers": 2, "aggregation": mode, **scaling})
+    t0 = time.monotonic()
+    code = main(["run", job, "--out", str(tmp_path / "run"), "--no-progress"])
+    return code, capsys.readouterr().err, time.monotonic() - t0
+
+
 @pytest.mark.parametrize("mode", ["central", "allreduce"])
 def test_ray_worker_that_raises_ends_the_job(ray_instance, tmp_path, monkeypatch, capsys, mode):
     monkeypatch.setenv("DISTFFN_INJECT_FAULT", "1:3")
-    job = write_job(tmp_path, scaling={"backend": "ray", "num_workers": 2, "timeout_s": 60,
-                                       "aggregation": mode})
-    t0 = time.monotonic()
-    code = main(["run", job, "--out", str(tmp_path / "run"), "--no-progress"])
-    err = capsys.readouterr().err
+    code, err, seconds = run_ray_cli(tmp_path, capsys, mode, timeout_s=60)
     assert code == 1
     assert "worker 1 failed" in err and "injected fault" in err and "Traceback" not in err
-    assert time.monotonic() - t0 < 60
+    assert seconds < 60
     assert_cpus_released(ray_instance)
 
 
@@ -223,21 +227,15 @@ def assert_cpus_released(ray, within_s=20):
 @pytest.mark.parametrize("mode", ["central", "allreduce"])
 def test_ray_worker_that_stalls_is_named_after_the_timeout(ray_instance, tmp_path, monkeypatch, capsys, mode):
     monkeypatch.setenv("DISTFFN_INJECT_FAULT", "0:2:hang")
-    job = write_job(tmp_path, scaling={"backend": "ray", "num_workers": 2, "timeout_s": 4,
-                                       "aggregation": mode})
-    t0 = time.monotonic()
-    code = main(["run", job, "--out", str(tmp_path / "run"), "--no-progress"])
-    err = capsys.readouterr().err
+    code, err, seconds = run_ray_cli(tmp_path, capsys, mode, timeout_s=4)
     assert code == 1 and "worker 0" in err and "timeout_s=4" in err
-    assert time.monotonic() - t0 < 60
+    assert seconds < 60
+    assert_cpus_released(ray_instance)
 
 
 @pytest.mark.parametrize("mode", ["central", "allreduce"])
 def test_ray_job_larger_than_the_cluster_is_a_clear_error(ray_instance, tmp_path, capsys, mode):
-    job = write_job(tmp_path, scaling={"backend": "ray", "num_workers": 8, "timeout_s": 2,
-                                       "aggregation": mode})
-    code = main(["run", job, "--out", str(tmp_path / "run"), "--no-progress"])
-    err = capsys.readouterr().err
+    code, err, _ = run_ray_cli(tmp_path, capsys, mode, num_workers=8, timeout_s=2)
     assert code == 2 and "scaling.num_workers" in err and "cannot place 8 workers" in err, err
     assert "Traceback" not in err
     assert_cpus_released(ray_instance)
@@ -247,10 +245,7 @@ def test_ray_allreduce_worker_that_cannot_start_is_named(ray_instance, tmp_path,
     """A node without the driver's mpiexec: the message says which command must run there."""
     from distffn.backends import ray_allreduce
     monkeypatch.setattr(ray_allreduce, "_mpi_launcher", lambda: f"/nonexistent/mpiexec -n 1 {sys.executable}")
-    job = write_job(tmp_path, scaling={"backend": "ray", "num_workers": 2, "timeout_s": 3,
-                                       "aggregation": "allreduce"})
-    code = main(["run", job, "--out", str(tmp_path / "run"), "--no-progress"])
-    err = capsys.readouterr().err
+    code, err, _ = run_ray_cli(tmp_path, capsys, "allreduce", timeout_s=3)
     assert code == 1 and "worker 0 did not finish start-up" in err and "/nonexistent/mpiexec" in err, err
     assert_cpus_released(ray_instance)
 
