@@ -24,6 +24,17 @@ def get_array_module(use_gpu: bool):
     return cupy
 
 
+def limit_blas_threads(threads: int):
+    """At most ``threads`` BLAS threads in this process (workers sharing a node share its
+    cores); the limiter, to restore later, or None without threadpoolctl (scikit-learn brings
+    it; without it the environment variables rule)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return threadpool_limits(threads, user_api="blas")
+
+
 def to_numpy(a):
     """A NumPy view or copy of ``a`` (a no-op for NumPy arrays)."""
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)

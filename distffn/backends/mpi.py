@@ -21,7 +21,7 @@ from ..errors import UserError, WorkerFailed
 from ..model import MLP
 from ..sharding import shard_bounds
 from ..worker import Worker
-from ..xp import get_array_module, to_numpy
+from ..xp import get_array_module, limit_blas_threads, to_numpy
 from .base import Backend, Data, StepTimes, Totals
 
 _ARRIVE, _GO = 11, 12
@@ -94,11 +94,7 @@ class MPIBackend(Backend):
             local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
             per_rank = max(1, (os.cpu_count() or 1) // local.Get_size())
             local.Free()
-        try:
-            from threadpoolctl import threadpool_limits
-            self._threads = threadpool_limits(per_rank, user_api="blas")
-        except ImportError:             # scikit-learn brings threadpoolctl; without it, env vars rule
-            self._threads = None
+        self._threads = limit_blas_threads(per_rank)
 
     def placement(self) -> list[str]:
         self._handshake("start-up")

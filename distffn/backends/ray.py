@@ -19,7 +19,7 @@ from ..aggregator import Aggregator
 from ..errors import UserError, WorkerFailed
 from ..sharding import shard_bounds
 from ..worker import FAULT_ENV, Worker
-from ..xp import get_array_module, to_numpy
+from ..xp import get_array_module, limit_blas_threads, to_numpy
 from .base import Backend, Data, StepTimes, Totals
 
 def _import_ray(local: bool):
@@ -151,11 +151,7 @@ class _WorkerActor:
     """A :class:`Worker` in a Ray actor; ``x``/``t``/``labels`` arrive zero-copy from the store."""
 
     def __init__(self, job, x, t, labels, x_test, t_test, labels_test, rank, num_workers, threads):
-        try:
-            from threadpoolctl import threadpool_limits
-            self._limits = threadpool_limits(threads, user_api="blas")
-        except ImportError:
-            self._limits = None
+        self._limits = limit_blas_threads(threads)
         xp = get_array_module(job.scaling.use_gpu)
         self.worker = Worker(job, x, t, labels, rank, num_workers, xp)
         self.xp, self.job = xp, job
