@@ -92,6 +92,8 @@ class _RankActor:
 class RayAllreduceBackend(RayBackend):
     """``aggregation: allreduce`` on Ray: see the module doc."""
 
+    _healthy = False        # True while no chunk of steps is out: close() may then leave MPI politely
+
     def __init__(self, job, data: Data):
         self.launcher = _mpi_launcher()         # before Ray starts: a missing MPI is a user error
         super().__init__(job, data)
@@ -162,7 +164,7 @@ class RayAllreduceBackend(RayBackend):
         return self._get([self.workers[0].call.remote("state")], "checkpointing")[0]
 
     def close(self):
-        if self.workers and getattr(self, "_healthy", False):
+        if self.workers and self._healthy:
             try:    # leave MPI together, so no rank's mpiexec reports the others' kill
                 self._get([w.leave.remote() for w in self.workers], "shutting down", timeout=10)
             except Exception:
