@@ -1,12 +1,16 @@
 """distffn: data-parallel mini-batch SGD for feed-forward networks.
 
-Workers compute ΔΘ on their shard of every global mini-batch (NumPy on a CPU, CuPy on a GPU);
-an aggregator applies the momentum SGD update; backends run the workers in-process, on Ray
-actors or on MPI ranks.
+The data path, package by package: a job spec (:mod:`distffn.jobspec`) → the data and each
+worker's shard (:mod:`distffn.data`) → the network's forward and backward pass
+(:mod:`distffn.nn`) on workers that aggregate ΔΘ locally, on MPI ranks or on Ray actors
+(:mod:`distffn.parallel`) → the optimizer's update (:mod:`distffn.optim`) → the loop with its
+evaluation, checkpoints and metrics (:mod:`distffn.training`), under the command line
+(:mod:`distffn.cli`).
 """
-from .config import JobConfig, load_job
-from .errors import UserError
-from .model import MLP
+__version__ = "0.2.0"
+
+from .errors import UserError  # noqa: E402
+from .jobspec import JobConfig, load_job  # noqa: E402
+from .nn import MLP  # noqa: E402
 
 __all__ = ["JobConfig", "MLP", "UserError", "load_job", "__version__"]
-__version__ = "0.1.0"

@@ -10,7 +10,9 @@ import os
 import sys
 import time
 
+from . import __version__
 from .errors import UserError, WorkerFailed
+from .parallel.mpi_env import launcher_rank, under_mpi, world
 
 EPILOG = """\
 examples:
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Data-parallel mini-batch SGD for feed-forward networks: train from a YAML "
                     "job spec on 1 or N workers (local, Ray or MPI), evaluate checkpoints, "
                     "plot learning curves.")
+    p.add_argument("--version", action="version", version=f"distffn {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="train a job spec and write its run directory",
@@ -62,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from .config import load_job
-    from .launch import maybe_relaunch_under_mpi
-    from .trainer import Trainer
+    from .jobspec import load_job
+    from .parallel.launch import maybe_relaunch_under_mpi
+    from .training import Trainer
 
     job = load_job(args.job, args.overrides)
     relaunched = maybe_relaunch_under_mpi(job, args.argv)
@@ -83,7 +86,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_checkpoint
+    from .training import evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, args.job, args.overrides)
     acc = "" if r["test_accuracy"] is None else \
@@ -102,7 +105,6 @@ def cmd_plot(args) -> int:
 
 def _abort_mpi_world(code: int):
     """One failing rank ends every rank at once, instead of leaving them blocked in a collective."""
-    from .backends.mpi import under_mpi, world
     if under_mpi():
         comm = world().COMM_WORLD
         if comm.Get_size() > 1:
@@ -114,7 +116,6 @@ def _abort_mpi_world(code: int):
 
 
 def _rank_prefix() -> str:
-    from .backends.mpi import launcher_rank
     rank = launcher_rank()
     return f"(rank {rank}) " if rank not in (None, "0") else ""
 

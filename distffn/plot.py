@@ -20,7 +20,8 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .checkpoint import list_checkpoints, newest_valid_checkpoint
+from .data.dataset import IMAGE_SHAPES
+from .training.checkpoint import list_checkpoints, newest_valid_checkpoint
 from .errors import UserError
 
 DPI = 120
@@ -179,8 +180,6 @@ def _read_job(run_dir: str) -> dict:
 
 def _image_shape(job: dict):
     """The dataset's image shape if the first layer takes whole images, else None."""
-    from .data import IMAGE_SHAPES
-
     shape = IMAGE_SHAPES.get((job.get("data") or {}).get("dataset"))
     layers = (job.get("model") or {}).get("layers") or []
     if shape is None or not layers or layers[0] != math.prod(shape):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import yaml
 
-from distffn.checkpoint import checkpoint_name, save_checkpoint
 from distffn.errors import UserError
 from distffn.plot import plot_run, read_epochs, weight_mosaic
+from distffn.training.checkpoint import checkpoint_name, save_checkpoint
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

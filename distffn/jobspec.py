@@ -1,0 +1,309 @@
+"""Job spec: typed sections read from YAML, validated field by field.
+
+Every mistake raises :class:`UserError` naming the field (``model.layers``)
+and what was expected, so the CLI can report it on one line.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from .data import DATASETS
+from .errors import UserError
+from .nn.activations import ACTIVATIONS
+from .nn.init import INITIALIZERS
+from .nn.objectives import losses, losses_for, outputs
+from .optim import OPTIMIZERS, SCHEDULES
+from .parallel import BACKENDS, aggregations
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    path: Optional[str] = None          # npz file, or a folder holding IDX files
+    test_fraction: float = 0.2          # only where the dataset has no official test split
+    normalize: bool = True
+    limit_train: Optional[int] = None   # use only the first N training samples (quick runs)
+
+
+@dataclass
+class ModelConfig:
+    layers: list = field(default_factory=lambda: [64, 64, 10])
+    activation: str = "relu"
+    output: str = "softmax"
+    loss: str = "cross_entropy"
+    init: str = "he"
+    bias_init: float = 0.0
+    init_std: float = 0.01              # for init: normal
+    leaky_slope: float = 0.01           # leaky_relu
+    prelu_init: float = 0.25            # initial PReLU slope (He et al. 2015)
+    maxout_pieces: int = 2              # linear pieces per maxout unit
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "momentum"
+    lr: float = 0.05
+    momentum: float = 0.9               # momentum, nesterov
+    betas: list = field(default_factory=lambda: [0.9, 0.999])   # adam
+    eps: float = 1e-8                   # adam
+    weight_decay: float = 0.0           # L2: the gradient gets + weight_decay·Θ
+    schedule: str = "constant"
+    decay: float = 0.0                  # inverse_time: lr0 / (1 + decay * step)
+    step_size: int = 1000               # step: multiply by gamma every step_size steps
+    gamma: float = 0.1
+    min_lr: float = 0.0                 # cosine: floor
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 20
+    batch_size: int = 128               # the global mini-batch
+    seed: int = 0
+    drop_last: bool = False             # keep the short last batch of an epoch by default
+    eval_every: int = 0                 # steps between evaluations; 0 = at the end of every epoch
+    eval_batch_size: int = 4096
+
+
+@dataclass
+class ScalingConfig:
+    backend: str = "local"
+    num_workers: int = 1
+    use_gpu: bool = False
+    aggregation: str = "central"
+    address: Optional[str] = None       # an existing Ray cluster (else RAY_ADDRESS, else a local one)
+    timeout_s: float = 300.0            # a step that takes longer names the missing workers
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0                # 0 = at the end of every epoch
+    num_to_keep: int = 3
+
+
+@dataclass
+class JobConfig:
+    name: str = "job"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(JobConfig) if f.name != "name"}
+
+
+# ---------------------------------------------------------------- type checking
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+            list: "a list"}.get(tp, str(tp))
+
+
+def _coerce(value, tp, where: str):
+    """Check ``value`` against the dataclass field type ``tp``; ints are accepted as floats."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, inner, where)
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+    }[tp]
+    if not ok(value):
+        raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise UserError(f"{where}: expected a finite number, got {value!r}")
+    return value
+
+
+def _resolved_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _build_section(cls, raw, where: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping of keys, got {raw!r}")
+    types = _resolved_types(cls)
+    unknown = sorted(set(raw) - set(types))
+    if unknown:
+        raise UserError(f"{where}.{unknown[0]}: unknown key (expected one of: {', '.join(types)})")
+    kwargs = {k: _coerce(v, types[k], f"{where}.{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _positive(value, where, allow_zero=False):
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"{where}: expected a {'non-negative' if allow_zero else 'positive'} value, got {value!r}")
+
+
+def validate(job: JobConfig) -> JobConfig:
+    """Check every field's range and the cross-field rules; returns ``job``."""
+    d, m, o, t, s, c = job.data, job.model, job.optimizer, job.training, job.scaling, job.checkpoint
+    if not job.name or "/" in job.name:
+        raise UserError(f"name: expected a non-empty name without '/', got {job.name!r}")
+    DATASETS.check(d.dataset)
+    if not 0.0 < d.test_fraction < 1.0:
+        raise UserError(f"data.test_fraction: expected a number between 0 and 1, got {d.test_fraction}")
+    if d.dataset == "npz" and not d.path:
+        raise UserError("data.path: dataset 'npz' needs the path of an .npz file")
+    if d.limit_train is not None:
+        _positive(d.limit_train, "data.limit_train")
+
+    if len(m.layers) < 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in m.layers):
+        raise UserError(f"model.layers: expected a list of at least two positive integers "
+                        f"(input width, hidden widths..., outputs), got {m.layers!r}")
+    trainable = lambda act: act.trainable                       # noqa: E731
+    if not ACTIVATIONS.get(m.activation).trainable:
+        raise UserError(f"model.activation: {m.activation!r} has zero gradient almost everywhere, so "
+                        f"backpropagation cannot train it; choose one of {ACTIVATIONS.choices(trainable)}")
+    if m.output not in outputs():
+        raise UserError(f"model.output: expected one of {', '.join(outputs())}; got {m.output!r}")
+    if m.loss not in losses():
+        raise UserError(f"model.loss: expected one of {', '.join(losses())}; got {m.loss!r}")
+    if m.loss not in losses_for(m.output):
+        raise UserError(f"model.loss: {m.loss!r} does not go with output {m.output!r}; "
+                        f"use one of {', '.join(losses_for(m.output))}")
+    if m.output == "softmax" and m.layers[-1] < 2:
+        raise UserError(f"model.layers: a softmax output needs at least 2 units, got {m.layers[-1]}")
+    INITIALIZERS.check(m.init)
+    _positive(m.init_std, "model.init_std")
+    if m.maxout_pieces < 2:
+        raise UserError(f"model.maxout_pieces: expected an integer >= 2, got {m.maxout_pieces}")
+
+    optimizer = OPTIMIZERS.check(o.name)
+    _positive(o.lr, "optimizer.lr")
+    _positive(o.weight_decay, "optimizer.weight_decay", allow_zero=True)
+    optimizer.check(o)
+    SCHEDULES.check(o.schedule)
+    _positive(o.decay, "optimizer.decay", allow_zero=True)
+    _positive(o.step_size, "optimizer.step_size")
+    _positive(o.gamma, "optimizer.gamma")
+    _positive(o.min_lr, "optimizer.min_lr", allow_zero=True)
+    _positive(o.warmup_steps, "optimizer.warmup_steps", allow_zero=True)
+
+    _positive(t.epochs, "training.epochs")
+    _positive(t.batch_size, "training.batch_size")
+    _positive(t.eval_every, "training.eval_every", allow_zero=True)
+    _positive(t.eval_batch_size, "training.eval_batch_size")
+
+    modes = BACKENDS.check(s.backend)
+    if s.aggregation not in modes:
+        raise UserError(f"scaling.aggregation: expected one of {', '.join(aggregations())}; "
+                        f"got {s.aggregation!r}")
+    _positive(s.num_workers, "scaling.num_workers")
+    _positive(s.timeout_s, "scaling.timeout_s")
+    if s.num_workers > t.batch_size:
+        raise UserError(f"scaling.num_workers: {s.num_workers} workers cannot share a global batch of "
+                        f"{t.batch_size} samples (training.batch_size); use at most {t.batch_size}")
+
+    _positive(c.every_steps, "checkpoint.every_steps", allow_zero=True)
+    _positive(c.num_to_keep, "checkpoint.num_to_keep")
+    return job
+
+
+def from_dict(raw: Any, source: str = "job spec") -> JobConfig:
+    """Build and validate a :class:`JobConfig` from parsed YAML."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping with sections "
+                        f"{', '.join(['name', *SECTIONS])}, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {"name", *SECTIONS})
+    if unknown:
+        raise UserError(f"{unknown[0]}: unknown key in {source} "
+                        f"(expected: {', '.join(['name', *SECTIONS])})")
+    name = _coerce(raw.get("name", "job"), str, "name")
+    sections = {k: _build_section(_resolved_types(JobConfig)[k], raw.get(k), k) for k in SECTIONS}
+    return validate(JobConfig(name=name, **sections))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value parsed as YAML)."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected section.key=value")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        if parts == ["name"]:
+            return parts, value
+        raise UserError(f"--set {text!r}: expected section.key=value, e.g. training.epochs=5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        if parts == ["name"]:
+            raw["name"] = value
+            continue
+        section, key = parts
+        if section not in SECTIONS:
+            raise UserError(f"--set {text!r}: unknown section {section!r} (expected: {', '.join(SECTIONS)})")
+        if raw.get(section) is None:
+            raw[section] = {}
+        if not isinstance(raw[section], dict):
+            raise UserError(f"{section}: expected a mapping of keys")
+        raw[section][key] = value
+    return raw
+
+
+def read_yaml(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such job file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, expected a YAML job file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file; expected a YAML job spec") from None
+
+
+def load_job(path: str, overrides: Optional[list[str]] = None) -> JobConfig:
+    """Read a job spec file, apply ``--set`` overrides, and validate it."""
+    raw = read_yaml(path)
+    if raw is None or raw == {}:
+        raise UserError(f"{path}: the job spec is empty; expected a mapping with sections "
+                        f"{', '.join(['name', *SECTIONS])} (every field has a default, but say at "
+                        f"least what to train, e.g. model.layers)")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with sections {', '.join(['name', *SECTIONS])}")
+    return from_dict(apply_overrides(raw, overrides), source=os.path.basename(path))

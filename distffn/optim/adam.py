@@ -1,0 +1,68 @@
+"""Adam (Kingma and Ba 2015) with PyTorch's algorithm and names (``torch.optim.Adam``):
+
+    g ← ΔΘ + λ·Θ                       (weight_decay λ: L2, not AdamW's decoupled decay)
+    m ← m + (1 − β₁)·(g − m)           (exp_avg)
+    v ← β₂·v + (1 − β₂)·g²             (exp_avg_sq)
+    Θ ← Θ − (ε_t / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + eps)
+
+in PyTorch's order of float32 operations, so the two agree to rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import UserError
+from .optimizer import CHUNK, Optimizer, register
+
+
+@register("adam")
+class Adam(Optimizer):
+    """PyTorch's Adam: betas (β₁, β₂), eps, weight_decay (L2)"""
+
+    buffers = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, cfg, size, xp=np, dtype=np.float32):
+        super().__init__(cfg, size, xp, dtype)
+        self.beta1, self.beta2 = (float(b) for b in cfg.betas)
+        self._scratch = xp.empty(min(size, CHUNK), self.dtype)
+
+    @classmethod
+    def check(cls, cfg):
+        betas = cfg.betas
+        if (not isinstance(betas, list) or len(betas) != 2 or
+                not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+                        and 0.0 <= b < 1.0 for b in betas)):
+            raise UserError(f"optimizer.betas: expected two numbers in [0, 1), got {betas!r}")
+        if not cfg.eps > 0:
+            raise UserError(f"optimizer.eps: expected a positive number, got {cfg.eps!r}")
+
+    def _update(self, params, grad, lr, grad_scale):
+        xp, dt = self.xp, self.dtype.type
+        b1, b2 = self.beta1, self.beta2
+        step = self.t + 1
+        step_size = lr / (1.0 - b1 ** step)
+        bc2_sqrt = math.sqrt(1.0 - b2 ** step)
+        m_all, v_all = self.state["exp_avg"], self.state["exp_avg_sq"]
+        for s in range(0, params.shape[0], CHUNK):
+            p, g, m, v = params[s:s + CHUNK], grad[s:s + CHUNK], m_all[s:s + CHUNK], v_all[s:s + CHUNK]
+            tmp = self._scratch[:p.shape[0]]
+            if grad_scale != 1.0:
+                g *= dt(grad_scale)
+            if self.weight_decay:
+                xp.multiply(p, dt(self.weight_decay), out=tmp)
+                g += tmp
+            xp.subtract(g, m, out=tmp)              # m.lerp_(g, 1 − β₁)
+            tmp *= dt(1.0 - b1)
+            m += tmp
+            v *= dt(b2)                             # v.mul_(β₂).addcmul_(g, g, value=1 − β₂)
+            xp.multiply(g, dt(1.0 - b2), out=tmp)
+            tmp *= g
+            v += tmp
+            xp.sqrt(v, out=tmp)                     # denom = √v / √(1 − β₂ᵗ) + eps
+            tmp /= dt(bc2_sqrt)
+            tmp += dt(self.cfg.eps)
+            xp.multiply(m, dt(-step_size), out=g)   # Θ.addcdiv_(m, denom, value=−step_size)
+            g /= tmp
+            p += g

@@ -1,0 +1,115 @@
+"""The interface every backend implements for the trainer.
+
+A backend only communicates: it runs the workers' step on their shards of each global batch,
+aggregates ΔΘ, applies the update through the aggregator, and hands Θ and the optimizer
+state back. Evaluation, checkpoints and restoring state are written once, in
+:mod:`distffn.training`, on top of this interface.
+"""
+from __future__ import annotations
+
+import socket
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Totals:
+    """Exact sums over samples: loss and correct counts, never averages of averages."""
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+
+    def add(self, loss_sum, correct, count):
+        self.loss_sum += float(loss_sum)
+        self.correct += int(correct or 0)
+        self.count += int(count)
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent per phase, summed over steps (the per-step time breakdown)."""
+    compute: float = 0.0        # forward + backward on the workers
+    communication: float = 0.0  # moving ΔΘ and Θ between workers and aggregator
+    update: float = 0.0         # the momentum SGD update
+    waiting: float = 0.0        # idle: the slowest worker's lead over the others
+    steps: int = 0
+
+    def add(self, other: "StepTimes"):
+        for k in ("compute", "communication", "update", "waiting", "steps"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    def per_step_ms(self) -> dict:
+        """Milliseconds per step in each phase (the run's breakdown at a glance)."""
+        n = max(1, self.steps)
+        return {k: round(1e3 * getattr(self, k) / n, 4)
+                for k in ("compute", "communication", "update", "waiting")}
+
+    def as_dict(self, prefix: str = "time_") -> dict:
+        d = {f"{prefix}{k}_s": round(getattr(self, k), 6)
+             for k in ("compute", "communication", "update", "waiting")}
+        d[f"{prefix}steps"] = self.steps
+        return d
+
+
+class Backend:
+    """One training run's workers and aggregator.
+
+    ``train_step`` applies one update from one global batch; the trainer pulls exact totals
+    with ``train_totals`` at its log interval, so no step waits on the host for a loss.
+
+    Every process that runs the trainer (one driver, or every MPI rank) holds a backend;
+    ``process_index``/``process_count`` say which of them this is, so that work above the
+    backends (evaluation) can be split among them and summed with :meth:`sum_over_processes`.
+    """
+
+    num_workers: int = 1
+    is_root: bool = True                 # this process writes files and prints
+    process_index: int = 0
+    process_count: int = 1
+    array_module = np                    # where :meth:`params` lives (NumPy or CuPy)
+
+    def placement(self) -> list[str]:
+        """Where each worker runs (host or node id), for the run's records."""
+        return [socket.gethostname()] * self.num_workers
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every trainer process (only MPI has more than one)."""
+        return obj
+
+    def sum_over_processes(self, values: np.ndarray) -> np.ndarray:
+        """Elementwise sum of a small host array over the trainer processes."""
+        return values
+
+    def start(self, theta: np.ndarray, optimizer_state: dict | None, step: int):
+        """Start from Θ and the optimizer's buffers after ``step`` updates (None: fresh
+        buffers); the root process's copy counts."""
+        raise NotImplementedError
+
+    def train_step(self, epoch: int, batch_index: int, batch_len: int, lr: float):
+        """One update from global batch ``batch_index`` of ``epoch`` (``batch_len`` samples);
+        a backend may queue it until :meth:`sync`."""
+        raise NotImplementedError
+
+    def sync(self):
+        """Finish every queued step."""
+
+    def train_totals(self) -> Totals:
+        """Exact training loss and accuracy totals since the last call, summed over workers."""
+        raise NotImplementedError
+
+    def params(self):
+        """The current Θ (after :meth:`sync`), an array of :attr:`array_module`; read only."""
+        raise NotImplementedError
+
+    def state(self) -> tuple[np.ndarray, dict | None]:
+        """Host copies of Θ and the optimizer's named buffers, for checkpoints."""
+        raise NotImplementedError
+
+    def pop_times(self) -> StepTimes:
+        """The per-phase time breakdown since the last call."""
+        raise NotImplementedError
+
+    def close(self):
+        pass

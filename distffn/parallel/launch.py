@@ -1,0 +1,53 @@
+"""Starting the processes a backend needs before the trainer runs: ``scaling.backend: mpi``
+outside mpiexec runs the same command under ``mpiexec -n N``."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+from ..data.prepare import prepare_data
+from .mpi_env import find_mpiexec, under_mpi, world
+
+
+def adopt_mpi_world(job, echo=print):
+    """Under mpiexec, the MPI world decides the worker count (and the backend)."""
+    size = world().COMM_WORLD.Get_size()
+    rank = world().COMM_WORLD.Get_rank()
+    if size > 1 and job.scaling.backend != "mpi":
+        if rank == 0:
+            echo(f"running under mpiexec with {size} ranks: using scaling.backend=mpi")
+        job.scaling.backend = "mpi"
+    if job.scaling.backend == "mpi" and job.scaling.num_workers != size:
+        if rank == 0 and job.scaling.num_workers != 1:
+            echo(f"scaling.num_workers: using the {size} MPI ranks (the job asked for "
+                 f"{job.scaling.num_workers})")
+        job.scaling.num_workers = size
+
+
+def maybe_relaunch_under_mpi(job, argv: list[str]) -> int | None:
+    """For ``scaling.backend: mpi`` outside mpiexec, run this same command under mpiexec.
+
+    Returns the exit code of ``mpiexec -n N``, or None when this process should train.
+    """
+    if under_mpi():
+        adopt_mpi_world(job)
+        return None
+    if job.scaling.backend != "mpi":
+        return None
+    world()                                         # mpi4py missing: say so before launching
+    prepare_data(job)                               # bad data: one message here, not N
+    cmd = [find_mpiexec(), "-n", str(job.scaling.num_workers),
+           sys.executable, "-m", "distffn.cli", *argv]
+    proc = subprocess.Popen(cmd)
+    # a scheduler's SIGTERM to this launcher reaches mpiexec, which stops its ranks: none is
+    # left running on its own
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: proc.send_signal(sig))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,62 @@
+"""Workers and aggregator in this process: 1 worker is the plain single-machine case; N > 1
+runs the N shards one after another, the reference the distributed backends must match."""
+from __future__ import annotations
+
+import time
+
+from ..xp import get_array_module
+from .aggregator import Aggregator
+from .backend import Backend, StepTimes, Totals
+from .worker import Worker
+
+
+class LocalBackend(Backend):
+    """``scaling.backend: local``: every worker in this process, one after another."""
+
+    def __init__(self, job, data):
+        self.job = job
+        self.array_module = xp = get_array_module(job.scaling.use_gpu)
+        self.num_workers = job.scaling.num_workers
+        self.workers = [Worker(job, data.x_train, data.t_train, data.labels_train, r,
+                               self.num_workers, xp) for r in range(self.num_workers)]
+        self.aggregator = None
+        self.times = StepTimes()
+        self._sum = None
+
+    def start(self, theta, optimizer_state, step):
+        xp = self.array_module
+        self.aggregator = Aggregator(self.job.optimizer, xp.asarray(theta), optimizer_state, step, xp)
+        self._sum = xp.empty_like(self.aggregator.theta) if self.num_workers > 1 else None
+
+    def train_step(self, epoch, batch_index, batch_len, lr):
+        t0 = time.perf_counter()
+        theta = self.aggregator.theta
+        if self.num_workers == 1:
+            grad = self.workers[0].compute(theta, epoch, batch_index)
+        else:
+            grad = self._sum
+            grad[...] = 0
+            for w in self.workers:
+                grad += w.compute(theta, epoch, batch_index)
+        t1 = time.perf_counter()
+        self.aggregator.apply(grad, batch_len, lr)
+        t2 = time.perf_counter()
+        self.times.compute += t1 - t0
+        self.times.update += t2 - t1
+        self.times.steps += 1
+
+    def train_totals(self):
+        tot = Totals()
+        for w in self.workers:
+            tot.add(*w.pop_stats())
+        return tot
+
+    def params(self):
+        return self.aggregator.theta
+
+    def state(self):
+        return self.aggregator.state()
+
+    def pop_times(self):
+        out, self.times = self.times, StepTimes()
+        return out

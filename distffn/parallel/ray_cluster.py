@@ -1,0 +1,156 @@
+"""What both Ray modes share: Ray itself (an embedded instance, or the cluster named by
+``scaling.address`` or ``RAY_ADDRESS``), the placement group, the training arrays in the
+object store, waiting on actors with the job's timeout and names, and the teardown.
+
+The training arrays go into the object store once; every worker actor reads them zero-copy.
+Without ``scaling.address`` or ``RAY_ADDRESS`` an embedded Ray instance starts on loopback.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from ..errors import UserError, WorkerFailed
+from .backend import Backend
+from .worker import FAULT_ENV
+
+
+def _import_ray(local: bool):
+    # a worker's failure reaches the user once, named, through RayBackend._get; the refs a
+    # failed step leaves behind (never fetched) must not add Ray's "Unhandled error" traceback
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    if local:
+        # Ray rewrites 127.0.0.1 to this host's outward address unless told it runs a
+        # single-machine instance; keep the embedded instance on loopback only.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        raise UserError("scaling.backend: 'ray' needs Ray; install it with pip install -e \".[ray]\"") from None
+    if local and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        import ray._private.ray_constants as constants
+        constants.ENABLE_RAY_CLUSTER = False    # if ray was imported before the variable was set
+    return ray
+
+
+class RayBackend(Backend):
+    """What both modes share: Ray itself, the placement group, the data in the object store,
+    waiting on actors with the job's timeout, and the teardown."""
+
+    def __init__(self, job, data):
+        self.job = job
+        self.num_workers = n = job.scaling.num_workers
+        self.timeout = job.scaling.timeout_s
+        address = job.scaling.address or os.environ.get("RAY_ADDRESS")
+        ray = self.ray = _import_ray(local=address is None)
+        self.owns_ray = not ray.is_initialized()
+        if self.owns_ray:
+            cpus = os.cpu_count() or 1
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level="warning",
+                         num_cpus=None if address else max(cpus, n), log_to_driver=True)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise UserError(f"scaling.address: cannot connect to the Ray cluster at {address}: {e}") from None
+        self.pg, self.workers = None, []
+        try:
+            self._place()
+            self.data_refs = [ray.put(a) for a in (data.x_train, data.t_train, data.labels_train)]
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _place(self):
+        ray, job, n = self.ray, self.job, self.num_workers
+        from ray.util.placement_group import placement_group
+
+        self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // n)
+        bundle = {"CPU": self.cpus, **({"GPU": 1} if job.scaling.use_gpu else {})}
+        # SPREAD: on a cluster, workers land on different nodes where they can
+        self.pg = placement_group([bundle] * n, strategy="SPREAD")
+        ready, _ = ray.wait([self.pg.ready()], timeout=self.timeout)
+        if not ready:
+            raise UserError(f"scaling.num_workers: the Ray cluster cannot place {n} workers with "
+                            f"{bundle} each within {self.timeout:g} s "
+                            f"(cluster resources: {ray.cluster_resources()})")
+
+    def _actor_options(self, rank: int, runtime_env: dict | None = None) -> dict:
+        """Worker ``rank`` in bundle ``rank`` of the placement group."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        env = {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}
+        runtime_env = dict(runtime_env or {}, **({"env_vars": env} if env else {}))
+        return dict(num_cpus=self.cpus, num_gpus=1 if self.job.scaling.use_gpu else 0,
+                    runtime_env=runtime_env or None,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank))
+
+    def _start(self):
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- waiting with names
+    def _get(self, refs, what: str, names=None, timeout=None):
+        """The values of ``refs``, waiting at most ``timeout`` (the job's by default).
+
+        ``names[i]`` names whoever computes ``refs[i]`` (worker i by default). The first
+        ref to fail ends the wait at once with its owner's error; the ones still missing
+        at the deadline are named.
+        """
+        ray, refs = self.ray, list(refs)
+        names = names or [f"worker {i}" for i in range(len(refs))]
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        if len(refs) == 1:                  # the per-step wait of central mode: one call
+            try:
+                return [ray.get(refs[0], timeout=timeout)]
+            except ray.exceptions.GetTimeoutError:
+                pass                        # named below
+            except ray.exceptions.RayError as e:
+                raise _named_failure(e, names[0], what) from None
+        pending = refs
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, fetch_local=False,
+                                      timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                missing = ", ".join(names[refs.index(r)] for r in pending)
+                limit = (f"scaling.timeout_s={self.timeout:g} s" if timeout == self.timeout else
+                         f"{timeout:g} s (scaling.timeout_s={self.timeout:g} s each step)")
+                raise WorkerFailed(f"{missing} did not finish {what} within {limit}")
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayError as e:
+                raise _named_failure(e, names[refs.index(ready[0])], what) from None
+        return ray.get(refs)
+
+    def placement(self) -> list[str]:
+        return self._get([w.where.remote() for w in self.workers], "start-up")
+
+    def close(self):
+        ray = self.ray
+        for actor in self._actors():
+            ray.kill(actor)
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(self.pg)
+        self.workers, self.pg = [], None
+        if self.owns_ray:
+            ray.shutdown()
+
+    def _actors(self) -> list:
+        return list(self.workers)
+
+
+def _named_failure(e, who: str, what: str) -> WorkerFailed:
+    """A worker's error as one line. A worker that found another one missing (a timeout in a
+    collective) says so itself: its message already names the missing one."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, WorkerFailed):
+        return WorkerFailed(str(cause))
+    return WorkerFailed(f"{who} failed during {what}: {_root_cause(e)}")
+
+
+def _root_cause(e) -> str:
+    """The worker's own exception text, without Ray's wrapping and remote traceback."""
+    cause = getattr(e, "cause", None)
+    if cause is not None and not isinstance(cause, type(e)):
+        return f"{type(cause).__name__}: {cause}"
+    return str(e).strip().splitlines()[-1]

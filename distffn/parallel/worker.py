@@ -1,0 +1,109 @@
+"""A worker: forward and backward pass on its shard of every global mini-batch.
+
+The same class runs in-process, inside a Ray actor or on an MPI rank. It returns ΔΘ summed
+over its shard (the aggregator divides by the global batch size, which weights every shard by
+its sample count) and keeps its running loss/accuracy totals on the device until asked.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from ..data.sharding import batch_bounds, epoch_permutation, shard_bounds
+from ..nn.model import MLP
+
+FAULT_ENV = "DISTFFN_INJECT_FAULT"
+
+
+def _injected_fault(rank: int):
+    """``DISTFFN_INJECT_FAULT=rank:step[:hang]``: how the tests make one worker fail or stall."""
+    spec = os.environ.get(FAULT_ENV, "").split(":")
+    if len(spec) < 2 or spec[0] != str(rank):
+        return None
+    return int(spec[1]), (spec[2] if len(spec) > 2 else "raise")
+
+
+class Worker:
+    """Worker ``rank`` of ``num_workers``: ΔΘ for its shard of each global batch (see module doc)."""
+
+    def __init__(self, job, x_train, t_train, labels_train, rank: int = 0,
+                 num_workers: int = 1, xp=np):
+        self.job, self.rank, self.num_workers, self.xp = job, rank, num_workers, xp
+        self.model = MLP(job.model, xp)
+        # the dataset stays where it is (host memory, the Ray object store or the GPU)
+        self.x, self.t, self.labels = xp.asarray(x_train), xp.asarray(t_train), (
+            None if labels_train is None else xp.asarray(labels_train))
+        self.n = self.x.shape[0]
+        self.grad = xp.zeros(self.model.num_params, self.model.dtype)
+        self.grad_views = self.model.layout.views(self.grad)
+        self._theta_views = (None, None)
+        self._perm = (None, None)
+        self._fault = _injected_fault(rank)
+        self._gathered: dict[int, tuple] = {}
+        self.calls = 0
+        self.reset_stats()
+
+    def reset_stats(self):
+        self.loss_sum, self.correct, self.count = 0.0, 0, 0
+
+    def pop_stats(self) -> tuple[float, int, int]:
+        """Host copies of (loss sum, correct, samples) since the last call: one sync."""
+        out = (float(self.loss_sum), int(self.correct), int(self.count))
+        self.reset_stats()
+        return out
+
+    def params(self, theta) -> dict:
+        """Per-layer views of ``theta``, cached while the same buffer comes back every step."""
+        if self._theta_views[0] is not theta:
+            self._theta_views = (theta, self.model.layout.views(theta))
+        return self._theta_views[1]
+
+    def shard_indices(self, epoch: int, batch_index: int) -> np.ndarray:
+        if self._perm[0] != epoch:
+            self._perm = (epoch, epoch_permutation(self.job.training.seed, epoch, self.n))
+        start, stop = batch_bounds(self.n, self.job.training.batch_size, batch_index)
+        lo, hi = shard_bounds(stop - start, self.num_workers, self.rank)
+        return self._perm[1][start + lo:start + hi]
+
+    def _gather_buffers(self, n: int):
+        bufs = self._gathered.get(n)
+        if bufs is None:
+            xp = self.xp
+            bufs = (xp.empty((n,) + self.x.shape[1:], self.x.dtype),
+                    xp.empty((n,) + self.t.shape[1:], self.t.dtype),
+                    None if self.labels is None else xp.empty(n, self.labels.dtype))
+            if len(self._gathered) > 2:    # the batch shard and a short last one
+                self._gathered.clear()
+            self._gathered[n] = bufs
+        return bufs
+
+    def compute(self, theta, epoch: int, batch_index: int):
+        """ΔΘ summed over this worker's shard of global batch ``batch_index`` of ``epoch``."""
+        xp = self.xp
+        self.calls += 1
+        if self._fault and self.calls >= self._fault[0]:
+            if self._fault[1] == "hang":
+                time.sleep(3600)
+            raise RuntimeError(f"injected fault ({FAULT_ENV}) in worker {self.rank} at step {self.calls}")
+        idx = self.shard_indices(epoch, batch_index)
+        if len(idx) == 0:                  # a short last batch can leave a worker nothing
+            self.grad[...] = 0
+            return self.grad
+        if xp is not np:
+            idx = xp.asarray(idx)
+        x, t, labels = self._gather_buffers(len(idx))
+        # into buffers kept per shard size; NumPy's mode="clip" gathers unbuffered (the
+        # indices are valid); CuPy's take has no mode and never buffers
+        kw = {"mode": "clip"} if xp is np else {}
+        xp.take(self.x, idx, axis=0, out=x, **kw)
+        xp.take(self.t, idx, axis=0, out=t, **kw)
+        if labels is not None:
+            xp.take(self.labels, idx, axis=0, out=labels, **kw)
+        loss, correct = self.model.loss_and_grad(self.params(theta), self.grad_views, x, t, labels)
+        self.loss_sum += loss.astype(np.float64)   # float32 sums drift over an epoch
+        if correct is not None:
+            self.correct += correct
+        self.count += len(idx)
+        return self.grad

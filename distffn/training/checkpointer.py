@@ -1,0 +1,92 @@
+"""The :class:`Checkpointer` extension: saves Θ, the optimizer's buffers and the run's
+position, and restores the newest valid checkpoint for ``--resume``."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..errors import UserError
+from . import checkpoint as ckpt
+from .extension import PRIORITY_WRITE, Extension
+from .triggers import AnyTrigger, IntervalTrigger, every_epoch
+
+
+class TrainingDiverged(UserError):
+    """The loss or the parameters became NaN or infinite."""
+
+
+@dataclass
+class RunState:
+    """Where a run stands: restored from a checkpoint on resume."""
+    step: int = 0           # updates applied so far
+    epoch: int = 0          # epoch in progress (0-based)
+    batch: int = 0          # next global batch within that epoch
+
+
+@dataclass
+class Restored:
+    path: str
+    theta: np.ndarray
+    optimizer_state: dict
+    state: RunState
+
+
+class Checkpointer(Extension):
+    """Every ``checkpoint.every_steps`` steps (0: none between epochs), at the end of every
+    epoch, and at step 0 of a new run (so every run can be replayed); keeps the newest
+    ``checkpoint.num_to_keep`` besides step 0. Only the root process writes."""
+
+    priority = PRIORITY_WRITE
+
+    def __init__(self, job, folder: str, layout, optimizer_buffers):
+        every = job.checkpoint.every_steps
+        self.trigger = AnyTrigger(IntervalTrigger(every), every_epoch) if every else every_epoch
+        self.job, self.folder, self.layout = job, folder, layout
+        self.buffers = tuple(optimizer_buffers)
+        self.num_to_keep = job.checkpoint.num_to_keep
+
+    def initialize(self, trainer):
+        if trainer.resumed_from is None:
+            self(trainer)
+
+    def __call__(self, trainer):
+        if not trainer.is_root:
+            return
+        theta, optimizer_state = trainer.backend.state()
+        self.save(trainer.state, theta, optimizer_state)
+
+    def save(self, state: RunState, theta, optimizer_state) -> str:
+        if not (np.isfinite(theta).all() and all(np.isfinite(b).all() for b in optimizer_state.values())):
+            raise TrainingDiverged(f"training diverged by step {state.step}: parameters are NaN or "
+                                   f"infinite (lower optimizer.lr?); the last good checkpoint is kept")
+        seed = self.job.training.seed
+        meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch,
+                "optimizer": {"name": self.job.optimizer.name, "buffers": list(self.buffers)},
+                "job": self.job.to_dict(),
+                "rng": {"generator": "numpy PCG64", "seed": seed, "epoch_seed": [seed, state.epoch],
+                        "position": state.batch}}
+        path = os.path.join(self.folder, ckpt.checkpoint_name(state.step))
+        ckpt.save_checkpoint(path, ckpt.pack_state(self.layout, theta, optimizer_state), meta)
+        ckpt.prune_checkpoints(self.folder, self.num_to_keep)
+        return path
+
+    def restore(self) -> Optional[Restored]:
+        """The newest checkpoint that verifies and fits this job, or None if there is none."""
+        found = ckpt.newest_valid_checkpoint(self.folder)
+        if found is None:
+            return None
+        path, arrays, meta = found
+        saved = meta.get("job", {})
+        if saved.get("model") != self.job.to_dict()["model"]:
+            raise UserError(f"{path}: saved from another model spec; --resume needs the same model "
+                            f"section as the checkpoint ({saved.get('model')})")
+        saved_optimizer = meta.get("optimizer", {}).get("name")
+        if saved_optimizer != self.job.optimizer.name:
+            raise UserError(f"optimizer.name: the checkpoint {path} was written by optimizer "
+                            f"{saved_optimizer!r}; --resume needs the same optimizer, got "
+                            f"{self.job.optimizer.name!r}")
+        theta, optimizer_state = ckpt.unpack_state(self.layout, arrays, self.buffers, path)
+        return Restored(path, theta, optimizer_state, RunState(meta["step"], meta["epoch"], meta["batch"]))

@@ -1,0 +1,90 @@
+"""Evaluation on the held-out split, written once for every backend: the :class:`Evaluator`
+extension during training, and ``distffn eval`` for a saved checkpoint."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..data.prepare import prepare_data
+from ..data.sharding import shard_bounds
+from ..errors import UserError
+from ..jobspec import apply_overrides, from_dict, load_job
+from ..nn.model import MLP
+from ..parallel.backend import Totals
+from .checkpoint import load_checkpoint, unpack_state
+from .extension import PRIORITY_EVALUATE, Extension
+from .triggers import steps_or_epoch
+
+
+class SplitEvaluator:
+    """Exact loss and correct-count totals of a parameter vector on one split (``x``, ``t``,
+    ``labels``), in chunks of ``chunk`` rows.
+
+    With several trainer processes (MPI ranks), each takes its share of the rows and the
+    totals are summed with ``sum_over_processes``.
+    """
+
+    def __init__(self, model_cfg, x, t, labels, chunk: int, xp=np,
+                 process_index: int = 0, process_count: int = 1, sum_over_processes=None):
+        lo, hi = shard_bounds(x.shape[0], process_count, process_index)
+        self.x, self.t = xp.asarray(x[lo:hi]), xp.asarray(t[lo:hi])
+        self.labels = None if labels is None else xp.asarray(labels[lo:hi])
+        self.model = MLP(model_cfg, xp)
+        self.chunk = chunk
+        self.sum = sum_over_processes or (lambda values: values)
+
+    def __call__(self, theta) -> Totals:
+        loss, correct = self.model.evaluate(self.model.layout.views(theta), self.x, self.t,
+                                            self.labels, self.chunk)
+        total = self.sum(np.array([loss, correct or 0, self.x.shape[0]], np.float64))
+        out = Totals()
+        out.add(total[0], int(round(total[1])), int(round(total[2])))
+        return out
+
+
+class Evaluator(Extension):
+    """Test loss and accuracy of the current Θ, every ``training.eval_every`` steps (by
+    default at the end of every epoch) and after the last step; the result goes into
+    ``trainer.observation["test"]``."""
+
+    priority = PRIORITY_EVALUATE
+
+    def __init__(self, job, data, backend):
+        self.trigger = steps_or_epoch(job.training.eval_every)
+        self.split = SplitEvaluator(job.model, data.x_test, data.t_test, data.labels_test,
+                                    job.training.eval_batch_size, backend.array_module,
+                                    backend.process_index, backend.process_count,
+                                    backend.sum_over_processes)
+        self.backend = backend
+        self.last_step = None
+
+    def __call__(self, trainer):
+        trainer.observation["test"] = self.split(self.backend.params())
+        trainer.observation["test_step"] = self.last_step = trainer.state.step
+
+    def finalize(self, trainer):
+        if self.last_step != trainer.state.step:     # the final model is always evaluated
+            trainer.backend.sync()
+            self(trainer)
+
+
+def evaluate_checkpoint(path: str, job_path: str | None = None, overrides=None) -> dict:
+    """Exact test-split totals of the parameters in ``path``.
+
+    The job spec comes from the checkpoint unless ``job_path`` is given (to point at the data
+    elsewhere, say); either way the checkpoint's parameters must fit the spec's model.
+    """
+    arrays, meta = load_checkpoint(path)
+    if job_path:
+        job = load_job(job_path, overrides)
+    else:
+        if "job" not in meta:
+            raise UserError(f"{path}: the checkpoint carries no job spec; pass --job JOB.yaml")
+        job = from_dict(apply_overrides(meta["job"], overrides), source=f"{path} (job spec)")
+    _, data, model = prepare_data(job)
+    theta, _ = unpack_state(model.layout, arrays, (), path)
+    test = SplitEvaluator(job.model, data.x_test, data.t_test, data.labels_test,
+                          job.training.eval_batch_size)(theta)
+    classifies = data.classifies
+    return {"step": meta.get("step"), "test_loss": test.loss_sum / test.count, "test_count": test.count,
+            "test_correct": test.correct if classifies else None,
+            "test_accuracy": test.correct / test.count if classifies else None}

@@ -1,0 +1,169 @@
+"""What a run reports: the training loss totals pulled from the workers, the divergence
+guard, and the log (``metrics.jsonl``, one line per epoch on the console, ``summary.json``)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from ..parallel.backend import StepTimes, Totals
+from .checkpointer import TrainingDiverged
+from .extension import PRIORITY_CHECK, PRIORITY_OBSERVE, PRIORITY_REPORT, Extension
+from .triggers import AnyTrigger, IntervalTrigger, every_epoch
+
+
+def rate(totals: Totals, what: str):
+    """Mean loss or accuracy of exact totals (None without samples)."""
+    if totals is None or totals.count == 0:
+        return None
+    return (totals.loss_sum / totals.count) if what == "loss" else totals.correct / totals.count
+
+
+def log_points(log_every: int):
+    """Every ``log_every`` steps and at the end of every epoch."""
+    return AnyTrigger(IntervalTrigger(log_every), every_epoch)
+
+
+class TrainTotals(Extension):
+    """Pulls the workers' running loss and accuracy totals (one host sync) into
+    ``trainer.epoch_totals``; a lazy backend finishes its queued steps here, so this counts
+    as training time."""
+
+    priority = PRIORITY_OBSERVE
+    training_time = True
+
+    def __init__(self, log_every: int):
+        self.trigger = log_points(log_every)
+
+    def __call__(self, trainer):
+        trainer.last_totals = t = trainer.backend.train_totals()
+        trainer.epoch_totals.add(t.loss_sum, t.correct, t.count)
+
+
+class DivergenceGuard(Extension):
+    """Stops the run when the training loss becomes NaN or infinite; the last good
+    checkpoint is kept."""
+
+    priority = PRIORITY_CHECK
+
+    def __init__(self, log_every: int, checkpoint_dir: str):
+        self.trigger = log_points(log_every)
+        self.checkpoint_dir = checkpoint_dir
+
+    def __call__(self, trainer):
+        loss = trainer.last_totals.loss_sum
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"training diverged at step {trainer.state.step}: the loss is "
+                                   f"{loss} (lower optimizer.lr?); stopped, and the last good "
+                                   f"checkpoint in {self.checkpoint_dir} is kept")
+
+
+class MetricsLog(Extension):
+    """``metrics.jsonl``: a ``start`` line, an ``eval`` line per evaluation and an ``epoch``
+    line per epoch (with the per-step time breakdown); one console line per epoch; and
+    ``summary.json`` at the end. The root process writes; every process pulls the times."""
+
+    priority = PRIORITY_REPORT
+
+    def __init__(self, out_dir: str, eval_trigger, echo=print):
+        self.trigger = AnyTrigger(every_epoch, eval_trigger)
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.summary_path = os.path.join(out_dir, "summary.json")
+        self.echo = echo
+        self.best_accuracy = None
+        self.last_epoch: dict = {}
+        self.run_times = StepTimes()         # the whole run's per-step breakdown
+        self._logged_eval = None
+
+    def _write(self, trainer, record: dict):
+        if trainer.is_root:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def initialize(self, trainer):
+        job, backend, state = trainer.job, trainer.backend, trainer.state
+        placement = backend.placement()
+        if not trainer.is_root:
+            return
+        self._write(trainer, {
+            "event": "start", "num_params": trainer.model.num_params, "num_workers": backend.num_workers,
+            "backend": job.scaling.backend, "n_train": trainer.n_train, "n_test": trainer.n_test,
+            "steps_per_epoch": trainer.steps_per_epoch, "start_step": state.step, "placement": placement})
+        self.echo(f"{job.name}: {trainer.model.num_params:,} parameters, {trainer.n_train:,} training / "
+                  f"{trainer.n_test:,} test samples, {job.training.epochs} epochs of "
+                  f"{trainer.steps_per_epoch} steps, {backend.num_workers} worker(s) on {job.scaling.backend}")
+
+    def _test_fields(self, trainer) -> dict:
+        """The test figures if Θ was evaluated after this very step, else nulls."""
+        test = trainer.observation.get("test") if trainer.observation.get("test_step") == trainer.state.step else None
+        classify = trainer.classifies
+        return {"test_loss": rate(test, "loss"),
+                "test_accuracy": rate(test, "acc") if classify and test else None,
+                "test_correct": test.correct if classify and test else None,
+                "test_count": test.count if test else None}
+
+    def _log_eval(self, trainer):
+        state = trainer.state
+        if trainer.observation.get("test_step") != state.step or self._logged_eval == state.step:
+            return
+        self._logged_eval = state.step
+        fields = self._test_fields(trainer)
+        if fields["test_accuracy"] is not None:
+            self.best_accuracy = max(self.best_accuracy or 0.0, fields["test_accuracy"])
+        self._write(trainer, {"event": "eval", "step": state.step,
+                              "epoch": round(state.step / trainer.steps_per_epoch, 4), "lr": trainer.lr,
+                              **fields, "elapsed_s": round(time.perf_counter() - trainer.t_start, 3)})
+
+    def __call__(self, trainer):
+        self._log_eval(trainer)
+        if not trainer.epoch_ended:
+            return
+        times = trainer.backend.pop_times()
+        self.run_times.add(times)
+        if not trainer.is_root:
+            return
+        state, train = trainer.state, trainer.epoch_totals
+        seconds, samples = trainer.epoch_seconds, trainer.epoch_samples
+        classify = trainer.classifies
+        rec = {"event": "epoch", "epoch": state.epoch, "step": state.step, "lr": trainer.lr,
+               "train_loss": rate(train, "loss"), "train_accuracy": rate(train, "acc") if classify else None,
+               **self._test_fields(trainer),
+               "samples_per_s": round(samples / seconds, 1) if seconds else None,
+               "epoch_time_s": round(seconds, 4),
+               "elapsed_s": round(time.perf_counter() - trainer.t_start, 3), **times.as_dict()}
+        self.last_epoch = rec
+        self._write(trainer, rec)
+        self.echo(self._epoch_line(rec, trainer.job.training.epochs))
+
+    def finalize(self, trainer):
+        self._log_eval(trainer)
+        job, state = trainer.job, trainer.state
+        test = trainer.observation.get("test")
+        if trainer.is_root and trainer.steps_run == 0:
+            self.echo(f"{job.name}: already trained to step {state.step}; nothing to do")
+        summary = {
+            "name": job.name, "epochs": job.training.epochs, "step": state.step,
+            "train_loss": self.last_epoch.get("train_loss"), "train_accuracy": self.last_epoch.get("train_accuracy"),
+            "test_loss": rate(test, "loss"),
+            "test_accuracy": rate(test, "acc") if trainer.classifies else None,
+            "best_test_accuracy": self.best_accuracy, "num_params": trainer.model.num_params,
+            "backend": job.scaling.backend, "num_workers": trainer.backend.num_workers,
+            "stopped": trainer.stop_reason,
+            "wall_time_s": round(time.perf_counter() - trainer.t_start, 3),
+            "train_time_s": round(trainer.train_seconds, 3),
+            "samples_per_s": round(trainer.train_samples / trainer.train_seconds, 1) if trainer.train_seconds else None,
+            **self.run_times.as_dict(), "ms_per_step": self.run_times.per_step_ms()}
+        trainer.summary = summary
+        if trainer.is_root:
+            with open(self.summary_path, "w") as f:
+                json.dump(summary, f, indent=2)
+
+    @staticmethod
+    def _epoch_line(r: dict, epochs: int) -> str:
+        acc = "" if r["train_accuracy"] is None else f"  train acc {100 * r['train_accuracy']:.2f}%"
+        if r["test_accuracy"] is not None:
+            acc += f"  test acc {100 * r['test_accuracy']:.2f}%"
+        test = "" if r["test_loss"] is None else f"  test loss {r['test_loss']:.4f}"
+        return (f"epoch {r['epoch']:>3}/{epochs}  step {r['step']:>7}  lr {r['lr']:.4g}  "
+                f"train loss {r['train_loss']:.4f}{test}{acc}  {r['samples_per_s']:,.0f} samples/s")

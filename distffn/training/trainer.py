@@ -1,0 +1,166 @@
+"""The training loop: epochs of global mini-batches on any backend. Everything else a run
+does — evaluation, checkpoints, metrics, progress, the divergence guard — is an extension
+fired by its trigger (:mod:`.extension`)."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..data.prepare import prepare_data
+from ..data.sharding import batch_bounds, steps_per_epoch
+from ..errors import UserError
+from ..optim import OPTIMIZERS, learning_rate
+from ..parallel import make_backend
+from ..parallel.backend import Totals
+from . import checkpoint as ckpt
+from .checkpointer import Checkpointer, RunState
+from .evaluation import Evaluator
+from .extension import Extension
+from .metrics import DivergenceGuard, MetricsLog, TrainTotals
+from .progress import ProgressReport
+
+
+class Trainer:
+    """Runs one job to completion; on MPI every rank runs it and rank 0 writes the files.
+
+    The loop applies one update per global batch and, after each, fires the extensions whose
+    triggers hold. ``extensions`` adds to the default set (evaluation, checkpoints, metrics,
+    progress, divergence guard); an extension may end the run early with :meth:`stop`.
+    """
+
+    log_every = 50          # steps between pulls of the running loss (one host sync each)
+
+    def __init__(self, job, out_dir: str, resume: bool = False,
+                 echo: Callable[[str], None] = print, progress: Optional[bool] = None,
+                 extensions: Optional[list[Extension]] = None):
+        self.job, self.out_dir, self.resume = job, out_dir, resume
+        self.echo, self.progress = echo, progress
+        self.ckpt_dir = os.path.join(out_dir, "checkpoints")
+        self.user_extensions = list(extensions or [])
+        self.is_root = True
+        self.summary: dict = {}
+
+    def stop(self, reason: str):
+        """End the run after the current step's extensions (early stopping)."""
+        self.stop_reason = reason
+
+    # ---------------------------------------------------------------- set-up
+    def _prepare_dir(self):
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        if not self.resume and ckpt.list_checkpoints(self.ckpt_dir):
+            raise UserError(f"{self.out_dir}: already holds a run's checkpoints; pass --resume to "
+                            f"continue it, or --out to start a new run elsewhere")
+        with open(os.path.join(self.out_dir, "job.yaml"), "w") as f:
+            f.write(self.job.to_yaml())
+
+    def _extensions(self, data, checkpointer: Checkpointer) -> list[Extension]:
+        every = self.log_every
+        evaluator = Evaluator(self.job, data, self.backend)
+        exts = [TrainTotals(every), DivergenceGuard(every, self.ckpt_dir), evaluator, checkpointer,
+                ProgressReport(every, self.progress), MetricsLog(self.out_dir, evaluator.trigger, self.echo),
+                *self.user_extensions]
+        # by priority, then in the order given (sorted is stable)
+        return sorted(exts, key=lambda e: -e.priority)
+
+    def run(self) -> dict:
+        """Train to the end (or to an early stop) and return the summary."""
+        job = self.job
+        self.t_start = time.perf_counter()
+        ds, data, self.model = prepare_data(job)
+        self.classifies = data.classifies
+        self.n_train, self.n_test = int(ds.x_train.shape[0]), int(ds.x_test.shape[0])
+        self.steps_per_epoch = steps_per_epoch(self.n_train, job.training.batch_size, job.training.drop_last)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"training.batch_size: {job.training.batch_size} is larger than the "
+                            f"{self.n_train} training samples and training.drop_last is true, so an "
+                            f"epoch has no batch")
+        self.total_steps = self.steps_per_epoch * job.training.epochs
+        checkpointer = Checkpointer(job, self.ckpt_dir, self.model.layout,
+                                    OPTIMIZERS.get(job.optimizer.name).buffers)
+        self.backend = backend = make_backend(job, data)
+        self.is_root = backend.is_root
+        try:
+            restored = None
+            if self.is_root:
+                self._prepare_dir()
+                restored = checkpointer.restore() if self.resume else None
+            if restored:
+                self.echo(f"resuming from {restored.path} (step {restored.state.step})")
+                theta, optimizer_state, state = restored.theta, restored.optimizer_state, restored.state
+            else:
+                theta = np.empty(self.model.num_params, np.float32)
+                self.model.init_params(theta, job.training.seed)
+                optimizer_state, state = None, RunState()
+            self.resumed_from = backend.broadcast(restored.path if restored else None)
+            self.state = backend.broadcast(state)            # rank 0 decides where to start
+            backend.start(theta, optimizer_state, self.state.step)
+            self.extensions = self._extensions(data, checkpointer)
+            # overflow is caught explicitly (TrainingDiverged), not by NumPy warnings on stderr
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                self._loop()
+            return self.summary
+        finally:
+            backend.close()
+
+    # ---------------------------------------------------------------- loop
+    def _loop(self):
+        job, backend, state = self.job, self.backend, self.state
+        bs, epochs, spe = job.training.batch_size, job.training.epochs, self.steps_per_epoch
+        self.observation: dict = {}
+        self.stop_reason = None
+        self.lr = learning_rate(job.optimizer, state.step, self.total_steps)
+        self.steps_run = 0
+        self.train_seconds, self.train_samples = 0.0, 0
+        self._new_epoch()
+        self.epoch_ended = False
+        self.finished = state.epoch >= epochs
+        for ext in self.extensions:
+            ext.initialize(self)
+        self._mark = time.perf_counter()
+        while not self.finished and self.stop_reason is None:
+            start, stop = batch_bounds(self.n_train, bs, state.batch)
+            self.lr = learning_rate(job.optimizer, state.step, self.total_steps)
+            backend.train_step(state.epoch, state.batch, stop - start, self.lr)
+            state.step += 1
+            state.batch += 1
+            self.steps_run += 1
+            self.epoch_samples += stop - start
+            self.epoch_ended = state.batch == spe
+            if self.epoch_ended:
+                state.epoch, state.batch = state.epoch + 1, 0
+            self.finished = state.epoch >= epochs
+            self._fire()
+            if self.epoch_ended:
+                self.train_seconds += self.epoch_seconds
+                self.train_samples += self.epoch_samples
+                self._new_epoch()
+        self.train_seconds += self.epoch_seconds       # an early stop ends an epoch part-way
+        self.train_samples += self.epoch_samples
+        backend.sync()
+        for ext in self.extensions:
+            ext.finalize(self)
+
+    def _new_epoch(self):
+        self.epoch_totals = Totals()
+        self.last_totals = Totals()
+        self.epoch_seconds, self.epoch_samples = 0.0, 0
+
+    def _fire(self):
+        """Run the extensions due after this step. Training-time ones (the loss pull) run first;
+        before the others the backend finishes its queued steps, and their time is excluded
+        from the epoch's training time."""
+        paused = False
+        for ext in self.extensions:
+            if not ext.trigger(self):
+                continue
+            if not ext.training_time and not paused:
+                self.backend.sync()
+                self.epoch_seconds += time.perf_counter() - self._mark
+                paused = True
+            ext(self)
+        if not paused:
+            return
+        self._mark = time.perf_counter()

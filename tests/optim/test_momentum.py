@@ -1,0 +1,65 @@
+"""Momentum SGD in the lectures' form, by hand and against the chunked kernels."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distffn.jobspec import OptimizerConfig
+from distffn.optim import optimizer as optimizer_module
+from distffn.optim.momentum import MomentumSGD, momentum_update_cupy, momentum_update_numpy
+
+
+def momentum_sgd(mu, velocity):
+    """MomentumSGD whose velocity buffer is ``velocity`` itself (so the test reads it)."""
+    opt = MomentumSGD(OptimizerConfig(momentum=mu), velocity.shape[0], np, velocity.dtype)
+    opt.state["velocity"] = velocity
+    return opt
+
+
+def test_momentum_one_and_two_steps_by_hand():
+    theta = np.array([1.0, -2.0, 0.5])
+    v = np.array([0.1, 0.2, -0.3])
+    opt = momentum_sgd(0.9, v)
+    # v' = 0.9 v - 0.1 * g/4 ; θ' = θ + v'
+    opt.update(theta, np.array([4.0, -8.0, 2.0]), 0.1, 1 / 4)
+    np.testing.assert_allclose(v, [-0.01, 0.38, -0.32], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(theta, [0.99, -1.62, 0.18], rtol=1e-12, atol=1e-15)
+    # v'' = 0.9 v' - 0.05 * g2/2 ; θ'' = θ' + v''
+    opt.update(theta, np.array([0.0, 4.0, -4.0]), 0.05, 1 / 2)
+    np.testing.assert_allclose(v, [-0.009, 0.242, -0.188], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(theta, [0.981, -1.378, -0.008], rtol=1e-12, atol=1e-15)
+
+
+def test_momentum_zero_is_plain_sgd():
+    theta, v = np.array([1.0, 2.0]), np.array([5.0, -5.0])
+    momentum_sgd(0.0, v).update(theta, np.array([2.0, 6.0]), 0.5, 1 / 2)
+    np.testing.assert_allclose(v, [-0.5, -1.5], rtol=1e-15)
+    np.testing.assert_allclose(theta, [0.5, 0.5], rtol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_momentum_update_numpy_chunked_equals_formula(dtype):
+    n = 3 * 65536 + 17
+    assert n > optimizer_module.CHUNK
+    rng = np.random.default_rng(0)
+    theta, v, g = (rng.normal(size=n).astype(dtype) for _ in range(3))
+    mu, scale = 0.9, -0.01 / 32
+    t64, v64, g64 = (a.astype(np.float64) for a in (theta, v, g))
+    v_exp = mu * v64 + scale * g64
+    t_exp = t64 + v_exp
+    momentum_update_numpy(theta, v, g, mu, scale)
+    tol = 1e-12 if dtype == np.float64 else 1e-6
+    np.testing.assert_allclose(v, v_exp, rtol=tol, atol=tol)
+    np.testing.assert_allclose(theta, t_exp, rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+def test_momentum_kernel_matches_numpy(cupy):
+    rng = np.random.default_rng(0)
+    n = 3 * 65536 + 17
+    theta, v, g = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+    dt, dv, dg = cupy.asarray(theta), cupy.asarray(v), cupy.asarray(g)
+    momentum_update_cupy(dt, dv, dg, 0.9, -0.05 / 128)
+    momentum_update_numpy(theta, v, g.copy(), 0.9, -0.05 / 128)
+    np.testing.assert_allclose(dt.get(), theta, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dv.get(), v, rtol=1e-6, atol=1e-7)

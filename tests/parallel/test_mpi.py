@@ -1,0 +1,50 @@
+"""MPI ranks give the model of 1 worker; a failing or stalled rank ends the job, named."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from helpers import MPIEXEC, assert_same_model, needs_mpi, run_group, run_mpi
+
+
+@needs_mpi
+@pytest.mark.parametrize("n,mode", [(2, "allreduce"), (3, "allreduce"), (2, "central"), (3, "central")])
+def test_mpi_ranks_match_one_worker(reference, tmp_path, n, mode):
+    r, out, _ = run_mpi(tmp_path, n, mode)
+    assert r.returncode == 0, r.stderr
+    assert_same_model(reference, out)
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["num_workers"] == n and len(start["placement"]) == n
+
+
+@needs_mpi
+def test_mpi_worker_that_raises_ends_the_job(tmp_path):
+    r, _, seconds = run_mpi(tmp_path, 2, "allreduce", env={"DISTFFN_INJECT_FAULT": "1:3"},
+                            scaling={"timeout_s": 60})
+    assert r.returncode != 0
+    assert "injected fault" in r.stderr and "worker 1" in r.stderr
+    assert seconds < 60
+
+
+@needs_mpi
+def test_mpi_worker_that_stalls_is_named_after_the_timeout(tmp_path):
+    r, _, seconds = run_mpi(tmp_path, 2, "central", env={"DISTFFN_INJECT_FAULT": "1:3:hang"},
+                            scaling={"timeout_s": 4})
+    assert r.returncode != 0
+    assert "worker(s) [1]" in r.stderr and "timeout_s=4" in r.stderr
+    assert seconds < 60
+
+
+@needs_mpi
+def test_mpi_resume_of_a_finished_run_keeps_every_rank_in_step(tmp_path):
+    """Control flow must not depend on what only rank 0 knows, or ranks block each other."""
+    r, out, _ = run_mpi(tmp_path, 2, "allreduce")
+    assert r.returncode == 0, r.stderr
+    job = str(tmp_path / "job.yaml")
+    again = run_group([MPIEXEC, "-n", "2", sys.executable, "-m", "distffn.cli", "run", job,
+                       "--out", str(out), "--no-progress", "--resume", "--set", "scaling.backend=mpi"],
+                      timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stdout

@@ -1,0 +1,95 @@
+"""Ray, both aggregation modes: N actors give the model of 1 worker; failures end the job fast, named; a two-node cluster."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from distffn.jobspec import from_dict
+from distffn.training import Trainer
+from distffn.training import checkpoint as ckpt
+
+from helpers import (
+    assert_cpus_released,
+    assert_same_model,
+    job_dict,
+    run_group,
+    run_ray_cli,
+    train_in_process,
+    write_equiv_job,
+)
+
+
+@pytest.mark.parametrize("n,mode", [(2, "central"), (3, "central"), (2, "allreduce"), (3, "allreduce")])
+def test_ray_workers_match_one_worker(ray_instance, reference, tmp_path, n, mode):
+    train_in_process(tmp_path / "run", scaling={"backend": "ray", "num_workers": n, "aggregation": mode})
+    assert_same_model(reference, tmp_path / "run")
+
+
+@pytest.mark.parametrize("mode", ["central", "allreduce"])
+def test_ray_resumes_a_one_worker_checkpoint(ray_instance, reference, tmp_path, mode):
+    """Checkpoints are one format everywhere: epoch 1 on one local worker, epoch 2 on three
+    Ray workers (Θ and the velocity restored) end where the one-worker run ends."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for step, path in ckpt.list_checkpoints(str(reference / "checkpoints")):
+        if step <= 3:                                        # the end of epoch 1
+            shutil.copy(path, run / "checkpoints")
+    job = from_dict(job_dict(scaling={"backend": "ray", "num_workers": 3, "aggregation": mode}))
+    Trainer(job, str(run), resume=True, progress=False, echo=lambda s: None).run()
+    assert_same_model(reference, run)
+
+
+@pytest.mark.parametrize("mode", ["central", "allreduce"])
+def test_ray_worker_that_raises_ends_the_job(ray_instance, tmp_path, monkeypatch, capsys, mode):
+    monkeypatch.setenv("DISTFFN_INJECT_FAULT", "1:3")
+    code, err, seconds = run_ray_cli(tmp_path, capsys, mode, timeout_s=60)
+    assert code == 1
+    assert "worker 1 failed" in err and "injected fault" in err and "Traceback" not in err
+    assert seconds < 60
+    assert_cpus_released(ray_instance)
+
+
+@pytest.mark.parametrize("mode", ["central", "allreduce"])
+def test_ray_worker_that_stalls_is_named_after_the_timeout(ray_instance, tmp_path, monkeypatch, capsys, mode):
+    monkeypatch.setenv("DISTFFN_INJECT_FAULT", "0:2:hang")
+    code, err, seconds = run_ray_cli(tmp_path, capsys, mode, timeout_s=4)
+    assert code == 1 and "worker 0" in err and "timeout_s=4" in err
+    assert seconds < 60
+    assert_cpus_released(ray_instance)
+
+
+@pytest.mark.parametrize("mode", ["central", "allreduce"])
+def test_ray_job_larger_than_the_cluster_is_a_clear_error(ray_instance, tmp_path, capsys, mode):
+    code, err, _ = run_ray_cli(tmp_path, capsys, mode, num_workers=8, timeout_s=2)
+    assert code == 2 and "scaling.num_workers" in err and "cannot place 8 workers" in err, err
+    assert "Traceback" not in err
+    assert_cpus_released(ray_instance)
+
+
+@pytest.mark.parametrize("mode", ["central", "allreduce"])
+def test_two_node_ray_cluster_on_loopback(tmp_path, ray_instance, reference, mode):
+    """`ray start --head` plus a second `ray start --address` in a private network namespace
+    (loopback only): the job's workers (placement group, SPREAD) land on both nodes, train to
+    the 1-worker model (allreduce: over MPI between the nodes), and everything is torn down
+    afterwards."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "--net", "true"]).returncode:
+        pytest.skip("needs `unshare --net` (root) for a loopback-only network namespace")
+    ray_instance.shutdown()                          # free the cores; this test runs its own
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "cluster", "local-two-node.sh")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)     # multi-node needs Ray's default
+    out = tmp_path / "run"
+    r = run_group(["unshare", "--net", "bash", script, write_equiv_job(tmp_path), "--out", str(out),
+                   "--no-progress", "--set", f"scaling.aggregation={mode}"], timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "two-node Ray cluster at 127.0.0.1:" in r.stdout
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["num_workers"] == 2 and len(set(start["placement"])) == 2
+    assert_same_model(reference, out)
+    for leftover in ("raylet", "hydra_pmi_proxy"):
+        assert subprocess.run(["pgrep", "-f", leftover], capture_output=True).returncode != 0, leftover

@@ -1,0 +1,83 @@
+"""Job specs: types, choices from the registries, overrides, and one clear line for every mistake."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from distffn.errors import UserError
+from distffn.jobspec import from_dict
+from distffn.nn.objectives import losses, losses_for, outputs
+
+from helpers import PAIRS, SMALL, run_cli, user_error, write_job
+
+
+def test_set_overrides_fields(tmp_path):
+    out = tmp_path / "run"
+    run_cli(write_job(tmp_path), "--out", str(out), "--set", "training.epochs=1",
+            "--set", "model.layers=[64, 16, 10]")
+    job = yaml.safe_load((out / "job.yaml").read_text())
+    assert job["training"]["epochs"] == 1 and job["model"]["layers"] == [64, 16, 10]
+
+
+def test_malformed_yaml(tmp_path, capsys):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model: [unclosed\n")
+    user_error(capsys, ["run", str(p)], "bad.yaml", "malformed YAML", "line")
+
+
+def test_missing_job_file(tmp_path, capsys):
+    user_error(capsys, ["run", str(tmp_path / "nope.yaml")], "nope.yaml")
+
+
+def test_unknown_key(tmp_path, capsys):
+    user_error(capsys, ["run", write_job(tmp_path, model={"layer": [1, 2]})], "model.layer", "unknown key")
+
+
+def test_unknown_section(tmp_path, capsys):
+    job = dict(SMALL, modle={})
+    user_error(capsys, ["run", write_job(tmp_path, job=job)], "modle")
+
+
+def test_wrong_type(tmp_path, capsys):
+    user_error(capsys, ["run", write_job(tmp_path, training={"epochs": "ten"})], "training.epochs", "integer")
+
+
+def test_bad_choice(tmp_path, capsys):
+    user_error(capsys, ["run", write_job(tmp_path, model={"activation": "swish"})], "model.activation")
+
+
+def test_bad_override(tmp_path, capsys):
+    user_error(capsys, ["run", write_job(tmp_path), "--set", "epochs=3"], "section.key=value")
+
+
+def test_sign_activation_is_refused_for_training(tmp_path, capsys):
+    user_error(capsys, ["run", write_job(tmp_path, model={"activation": "sign"})], "zero gradient")
+
+
+@pytest.mark.parametrize("name", ["sign", "step"])
+def test_zero_gradient_activations_refused_for_training(name):
+    with pytest.raises(UserError, match="zero gradient") as info:
+        from_dict({"name": "x", "model": {"layers": [2, 2, 1], "activation": name,
+                                          "output": "linear", "loss": "mse"}})
+    assert "model.activation" in str(info.value)
+
+
+@pytest.mark.parametrize("output,loss", [(o, l) for o in outputs() for l in losses() if l not in losses_for(o)])
+def test_invalid_output_loss_pair_refused(output, loss):
+    with pytest.raises(UserError) as info:
+        from_dict({"name": "x", "model": {"layers": [2, 4, 2], "activation": "relu",
+                                          "output": output, "loss": loss}})
+    msg = str(info.value)
+    assert msg.startswith("model.loss"), msg
+    assert loss in msg and output in msg
+
+
+def test_softmax_mse_refused():
+    with pytest.raises(UserError, match=r"model\.loss"):
+        from_dict({"model": {"layers": [4, 3], "output": "softmax", "loss": "mse"}})
+
+
+@pytest.mark.parametrize("output,loss", PAIRS)
+def test_valid_pairs_accepted(output, loss):
+    job = from_dict({"model": {"layers": [2, 4, 2], "output": output, "loss": loss}})
+    assert (job.model.output, job.model.loss) == (output, loss)

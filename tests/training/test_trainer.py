@@ -1,0 +1,136 @@
+"""The training loop end to end: learning, exact resume, worker-count changes, refusals."""
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import numpy as np
+import pytest
+
+from distffn.jobspec import from_dict
+from distffn.training import Trainer  # noqa: E402
+from distffn.training import checkpoint as ckpt
+from distffn.training.checkpoint import load_checkpoint
+
+from helpers import (
+    final_params,
+    interrupted_copy,
+    run_cli,
+    train_job,
+    user_error,
+    write_job,
+)
+
+GPU_JOB = {"name": "gpu", "data": {"dataset": "digits"},
+       "model": {"layers": [64, 128, 10], "activation": "relu"},
+       "optimizer": {"lr": 0.05, "momentum": 0.9}, "training": {"epochs": 3, "batch_size": 64}}
+
+
+def run_gpu_job(tmp_path, use_gpu):
+    job = from_dict(dict(GPU_JOB, scaling={"use_gpu": use_gpu}))
+    return Trainer(job, str(tmp_path / ("gpu" if use_gpu else "cpu")), progress=False,
+                   echo=lambda s: None).run_gpu_job()
+
+
+def test_resume_from_mid_epoch_equals_uninterrupted_run(tmp_path):
+    job = write_job(tmp_path, checkpoint={"every_steps": 7, "num_to_keep": 100},
+                    training={"epochs": 3})
+    full = tmp_path / "full"
+    run_cli(job, "--out", str(full))
+    # an interrupted copy: only the checkpoints up to step 14 (mid-epoch 1) survive, and the
+    # newest file left behind is damaged, so --resume must fall back to step 14
+    cut = tmp_path / "cut"
+    interrupted_copy(full, cut, 21)
+    damaged = cut / "checkpoints" / ckpt.checkpoint_name(21)
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    assert run_cli(job, "--out", str(cut), "--resume") == 0
+    a, meta_a = final_params(full)
+    b, meta_b = final_params(cut)
+    assert meta_a["step"] == meta_b["step"]
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
+def test_resume_with_a_different_worker_count_matches(tmp_path):
+    job = write_job(tmp_path, checkpoint={"every_steps": 10, "num_to_keep": 100})
+    full = tmp_path / "full"
+    run_cli(job, "--out", str(full))
+    cut = tmp_path / "cut"
+    interrupted_copy(full, cut, 20)
+    run_cli(job, "--out", str(cut), "--resume", "--set", "scaling.num_workers=3")
+    a, _ = final_params(full)
+    b, _ = final_params(cut)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_rerun_into_an_existing_run_is_refused(tmp_path, capsys):
+    job = write_job(tmp_path)
+    out = str(tmp_path / "run")
+    run_cli(job, "--out", out)
+    capsys.readouterr()
+    user_error(capsys, ["run", job, "--out", out], "--resume")
+
+
+def test_resume_of_a_finished_run_reports_and_changes_nothing(tmp_path, capsys):
+    job = write_job(tmp_path)
+    out = tmp_path / "run"
+    run_cli(job, "--out", str(out))
+    before = ckpt.list_checkpoints(str(out / "checkpoints"))
+    capsys.readouterr()
+    assert run_cli(job, "--out", str(out), "--resume") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert ckpt.list_checkpoints(str(out / "checkpoints")) == before
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_training_learns_xor(tmp_path, seed):
+    summary, _ = train_job(tmp_path, {
+        "name": "xor", "data": {"dataset": "xor"},
+        "model": {"layers": [2, 8, 2], "activation": "tanh", "output": "softmax",
+                  "loss": "cross_entropy", "init": "xavier"},
+        "optimizer": {"lr": 0.2, "momentum": 0.9},
+        "training": {"epochs": 200, "batch_size": 4, "seed": seed}})
+    assert summary["test_accuracy"] == 1.0
+    assert summary["test_loss"] < 0.05
+    assert summary["step"] == 200                 # 4 samples, batch 4: one update per epoch
+
+
+def test_sine_fit_reaches_low_test_mse(tmp_path):
+    from distffn.data import load_dataset
+    raw = {"name": "sine", "data": {"dataset": "sine"},
+           "model": {"layers": [1, 32, 1], "activation": "tanh", "output": "linear", "loss": "mse",
+                     "init": "xavier"},
+           "optimizer": {"lr": 0.05, "momentum": 0.9},
+           "training": {"epochs": 30, "batch_size": 32, "seed": 0}}
+    summary, out = train_job(tmp_path, raw)
+    assert summary["test_accuracy"] is None
+    assert summary["test_loss"] < 0.01
+
+    # the reported test MSE, recomputed independently from the final checkpoint against sin(x)
+    job = from_dict(raw)
+    ds = load_dataset(job.data, job.training.seed)
+    x = ds.x_test.astype(np.float64)
+    mean, std = np.asarray(ds.normalization["x_mean"]), np.asarray(ds.normalization["x_std"])
+    x_raw = x * std + mean
+    assert x_raw.min() >= -1e-4 and x_raw.max() <= 2 * math.pi + 1e-4
+    newest = sorted(glob.glob(os.path.join(out, "checkpoints", "step-*.npz")))[-1]
+    arrays, meta = load_checkpoint(newest)
+    assert meta["step"] == summary["step"]
+    h = np.tanh(x @ arrays["W0"].astype(np.float64) + arrays["b0"])
+    pred = h @ arrays["W1"].astype(np.float64) + arrays["b1"]
+    mse = float(((pred - np.sin(x_raw)) ** 2).mean())
+    assert mse < 0.01
+    assert summary["test_loss"] == pytest.approx(mse, rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.gpu
+def test_training_on_gpu_matches_cpu(tmp_path, cupy):
+    from distffn.training import checkpoint as ckpt
+    gpu, cpu = run_gpu_job(tmp_path, True), run_gpu_job(tmp_path, False)
+    assert abs(gpu["test_accuracy"] - cpu["test_accuracy"]) <= 0.01
+    a = ckpt.newest_valid_checkpoint(str(tmp_path / "gpu" / "checkpoints"))[1]
+    b = ckpt.newest_valid_checkpoint(str(tmp_path / "cpu" / "checkpoints"))[1]
+    for name in b:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1e-4, err_msg=name)
