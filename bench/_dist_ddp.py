@@ -7,7 +7,7 @@
 Same model as distffn's Fashion-MNIST job (Linear(784,1024), ReLU, Linear(1024,10)) started
 from distffn's initial weights, CrossEntropyLoss, SGD lr 0.05 momentum 0.9, gloo, and the SAME
 normalized arrays (distffn's prepare_data in every rank). Every global batch of B rows comes
-from distffn's own epoch permutation (distffn.sharding), and rank r takes distffn's shard r
+from distffn's own epoch permutation (distffn.data.sharding), and rank r takes distffn's shard r
 of it (B/N rows); the mean loss over B/N rows with DDP's gradient averaging equals the global
 batch mean. torch threads per rank = CPUs / ranks. The loop is the usual one:
 zero_grad(set_to_none=True), forward, loss, backward (DDP's bucketed allreduce), step; the
@@ -51,7 +51,7 @@ def main():
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout_s))
 
-    from distffn.sharding import epoch_permutation, shard_bounds
+    from distffn.data.sharding import epoch_permutation, shard_bounds
 
     job, data, model = benchlib.load_data(args.job, benchlib.job_overrides(args.limit_train or None))
     X, Y = benchlib.torch_data(data)

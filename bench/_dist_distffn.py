@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 import benchlib
-from distffn.backends.base import Totals
+from distffn.parallel.backend import Totals
 from benchlib import GRAD_FLOATS, median_time_ms, steal_idle
 
 
@@ -36,7 +36,7 @@ class Stepper:
     sends the same chunks of steps as in a real run)."""
 
     def __init__(self, backend, n, B, lr):
-        from distffn.trainer import Trainer
+        from distffn.training import Trainer
         self.be, self.B, self.lr = backend, B, lr
         self.full = n // B
         self.epoch = self.batch = self.steps = 0
@@ -76,7 +76,7 @@ def main():
         from threadpoolctl import threadpool_limits
         threadpool_limits(args.threads or os.cpu_count(), user_api="blas")
 
-    from distffn.config import load_job
+    from distffn.jobspec import load_job
 
     base = benchlib.job_overrides(args.limit_train or None, (f"scaling.backend={args.backend}",
                                                             f"scaling.aggregation={args.aggregation}"))
@@ -91,7 +91,7 @@ def main():
     n = int(data.x_train.shape[0])
     theta0 = benchlib.initial_theta(model, job0.training.seed)
 
-    from distffn.backends import make_backend
+    from distffn.parallel import make_backend
 
     result = {"backend": args.backend, "aggregation": args.aggregation, "workers": args.workers,
               "num_params": int(model.num_params), "n_train": n, "blocks": []}
@@ -102,7 +102,7 @@ def main():
         t0 = time.perf_counter()
         be = make_backend(job, data)
         root = be.is_root
-        be.init_state(theta0.copy(), np.zeros_like(theta0), 0)
+        be.start(theta0.copy(), None, 0)       # None: fresh (zero) optimizer buffers
         placement = be.placement()              # Ray: waits until the actors are up
         startup = time.perf_counter() - t0
         st = Stepper(be, n, B, job.optimizer.lr)

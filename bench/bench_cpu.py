@@ -81,15 +81,15 @@ class DistffnRunner:
     name = "distffn"
 
     def __init__(self, job, data, model_init_theta):
-        from distffn.backends.local import LocalBackend
-        from distffn.schedules import learning_rate
+        from distffn.optim.schedules import learning_rate
+        from distffn.parallel.local import LocalBackend
         self.job, self.B = job, job.training.batch_size
         self.n = data.x_train.shape[0]
         self.full = self.n // self.B                # full batches per epoch (timed steps only)
         if self.full == 0:
             raise SystemExit(f"batch size {self.B} exceeds the {self.n} training samples")
         self.backend = LocalBackend(job, data)
-        self.backend.init_state(model_init_theta, np.zeros_like(model_init_theta), 0)
+        self.backend.start(model_init_theta, None, 0)     # None: fresh (zero) velocity
         self.lr_fn = learning_rate
         self.epoch = self.batch = self.step = 0
         self.total = 10 ** 9                        # constant schedule: total steps unused
@@ -162,7 +162,7 @@ class GemmRunner:
         n_out = self.W1.shape[1]
         self.X = np.take(x_train, rng.permutation(x_train.shape[0])[:B], axis=0)
         # the work buffers in the model's own memory order
-        from distffn.model import ORDER as order
+        from distffn.nn.model import ORDER as order
         self.Z0 = np.empty((B, n_h), f32, order=order)
         self.A = np.asarray(np.maximum(rng.standard_normal((B, n_h), dtype=f32), 0), order=order)
         self.Z1 = np.empty((B, n_out), f32, order=order)
@@ -327,7 +327,7 @@ def main(argv=None):
     except Exception:
         log("threadpoolctl not available: numpy BLAS keeps its default thread count")
 
-    from distffn.config import load_job
+    from distffn.jobspec import load_job
 
     # The setting: constant lr 0.05, momentum 0.9 (see benchlib.OPTIMIZER_OVERRIDES).
     overrides = benchlib.job_overrides(args.limit_train)

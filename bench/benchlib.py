@@ -249,8 +249,8 @@ def job_overrides(limit_train=None, extra=()) -> list:
 
 def load_data(job_path: str, overrides: list):
     """(job, data, model) of the job file with ``overrides``, data prepared as distffn does."""
-    from distffn.config import load_job
-    from distffn.trainer import prepare_data
+    from distffn.data import prepare_data
+    from distffn.jobspec import load_job
     job = load_job(job_path, overrides)
     ds, data, model = prepare_data(job)
     return job, data, model

@@ -182,10 +182,10 @@ def validate(job: JobConfig) -> JobConfig:
     if len(m.layers) < 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in m.layers):
         raise UserError(f"model.layers: expected a list of at least two positive integers "
                         f"(input width, hidden widths..., outputs), got {m.layers!r}")
-    trainable = lambda act: act.trainable                       # noqa: E731
     if not ACTIVATIONS.get(m.activation).trainable:
         raise UserError(f"model.activation: {m.activation!r} has zero gradient almost everywhere, so "
-                        f"backpropagation cannot train it; choose one of {ACTIVATIONS.choices(trainable)}")
+                        f"backpropagation cannot train it; choose one of "
+                        f"{ACTIVATIONS.choices(lambda act: act.trainable)}")
     if m.output not in outputs():
         raise UserError(f"model.output: expected one of {', '.join(outputs())}; got {m.output!r}")
     if m.loss not in losses():

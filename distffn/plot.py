@@ -21,8 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .data.dataset import IMAGE_SHAPES
-from .training.checkpoint import list_checkpoints, newest_valid_checkpoint
 from .errors import UserError
+from .training.checkpoint import list_checkpoints, newest_valid_checkpoint
 
 DPI = 120
 MAX_UNITS = 100  # weight tiles shown in weights.png

@@ -5,7 +5,7 @@ import pytest
 
 from distffn.data import idx
 
-from helpers import train_in_process
+from helpers import ADAM, train_in_process
 
 
 @pytest.fixture
@@ -20,8 +20,17 @@ def no_system_data(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """The equivalence job on 1 local worker: what N workers anywhere must reproduce."""
     out = tmp_path_factory.mktemp("ref") / "run"
     train_in_process(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adam_reference(tmp_path_factory):
+    """The same with Adam, whose state (two moments, the step count) lives with the aggregator."""
+    out = tmp_path_factory.mktemp("ref-adam") / "run"
+    train_in_process(out, optimizer=ADAM)
     return out
 
 

@@ -21,8 +21,9 @@ from distffn.jobspec import DataConfig, ModelConfig, from_dict
 from distffn.nn.activations import ACTIVATIONS
 from distffn.nn.model import MLP
 from distffn.nn.objectives import OBJECTIVES, P_CLIP
-from distffn.training import Trainer
+from distffn.training import Extension, Trainer
 from distffn.training import checkpoint as ckpt
+from distffn.training.extension import PRIORITY_CHECK
 
 SMALL = {
     "name": "small",
@@ -289,7 +290,6 @@ def loss_of(model, flat, x, t):
 
 
 def train_job(tmp_path, raw):
-    from distffn.training import Trainer
     job = from_dict(raw)
     out = str(tmp_path / raw["name"])
     return Trainer(job, out, progress=False, echo=lambda s: None).run(), out
@@ -333,9 +333,12 @@ def job_dict(**sections):
 
 
 def final_model(run_dir):
+    """Every array of the newest checkpoint (Θ and the optimizer's buffers) and its meta."""
     found = ckpt.newest_valid_checkpoint(os.path.join(run_dir, "checkpoints"))
-    arrays, meta = found[1], found[2]
-    return {k: v for k, v in arrays.items() if not k.startswith("v_")}, meta
+    return found[1], found[2]
+
+
+ADAM = {"name": "adam", "lr": 0.01, "weight_decay": 1e-3}   # the equivalence job with Adam
 
 
 def train_in_process(out_dir, **sections):
@@ -347,6 +350,7 @@ def assert_same_model(a_dir, b_dir):
     a, meta_a = final_model(a_dir)
     b, meta_b = final_model(b_dir)
     assert meta_a["step"] == meta_b["step"] == 6
+    assert set(a) == set(b)
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=2e-6, err_msg=name)
 
@@ -385,3 +389,16 @@ def assert_cpus_released(ray, within_s=20):
     while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == total
+
+
+class StopAt(Extension):
+    """Ends the run after ``step`` (what an early-stopping extension does)."""
+
+    priority = PRIORITY_CHECK
+
+    def __init__(self, step):
+        self.step = step
+        self.trigger = lambda trainer: trainer.state.step == step
+
+    def __call__(self, trainer):
+        trainer.stop(f"step {self.step} reached")

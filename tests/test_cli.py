@@ -64,3 +64,9 @@ def test_help_explains_every_command():
     assert r.returncode == 0
     for cmd in ("run", "eval", "plot"):
         assert cmd in r.stdout
+
+
+def test_version():
+    from distffn import __version__
+    r = subprocess.run([sys.executable, "-m", "distffn", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == f"distffn {__version__}"

@@ -81,3 +81,32 @@ def test_softmax_mse_refused():
 def test_valid_pairs_accepted(output, loss):
     job = from_dict({"model": {"layers": [2, 4, 2], "output": output, "loss": loss}})
     assert (job.model.output, job.model.loss) == (output, loss)
+
+
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n", "{}\n"])
+def test_an_empty_job_spec_is_refused(tmp_path, capsys, text):
+    p = tmp_path / "empty.yaml"
+    p.write_text(text)
+    user_error(capsys, ["run", str(p)], "empty.yaml", "the job spec is empty")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("section,values,needles", [
+    ("optimizer", {"name": "lbfgs"}, ["optimizer.name", "momentum, nesterov, adam", "'lbfgs'"]),
+    ("optimizer", {"weight_decay": -1}, ["optimizer.weight_decay"]),
+    ("optimizer", {"name": "nesterov", "momentum": 1.0}, ["optimizer.momentum"]),
+    ("optimizer", {"schedule": "exponential"}, ["optimizer.schedule", "constant, inverse_time, step, cosine"]),
+    ("training", {"eval_every": -5}, ["training.eval_every"]),
+    ("model", {"init": "orthogonal"}, ["model.init", "he, xavier, normal"]),
+    ("scaling", {"aggregation": "gossip"}, ["scaling.aggregation", "central, allreduce"]),
+    ("scaling", {"backend": "spark"}, ["scaling.backend", "local, mpi, ray"]),
+])
+def test_choices_and_ranges_name_the_field(tmp_path, capsys, section, values, needles):
+    user_error(capsys, ["run", write_job(tmp_path, **{section: values})], *needles)
+
+
+def test_new_keys_have_defaults_so_old_specs_run_unchanged():
+    job = from_dict(SMALL)
+    assert job.optimizer.name == "momentum" and job.optimizer.weight_decay == 0.0
+    assert job.optimizer.betas == [0.9, 0.999] and job.optimizer.eps == 1e-8
+    assert job.training.eval_every == 0

@@ -2,7 +2,10 @@
 
 Importing this package registers every optimizer: one module each.
 """
-from . import adam, momentum, nesterov  # noqa: F401  (registration)
+# registration, in the order the names are listed (the default first)
+from . import momentum  # noqa: F401, I001
+from . import nesterov  # noqa: F401
+from . import adam  # noqa: F401
 from .optimizer import OPTIMIZERS, Optimizer, make_optimizer
 from .schedules import SCHEDULES, learning_rate
 

@@ -85,9 +85,9 @@ class Optimizer:
             buf[...] = self.xp.asarray(state[name], dtype=self.dtype)
 
 
-def make_optimizer(cfg, size: int, xp=np) -> Optimizer:
+def make_optimizer(cfg, size: int, xp=np, dtype=np.float32) -> Optimizer:
     """The optimizer ``cfg.name`` names, with zeroed state for ``size`` parameters."""
-    return OPTIMIZERS.get(cfg.name)(cfg, size, xp)
+    return OPTIMIZERS.get(cfg.name)(cfg, size, xp, dtype)
 
 
 def check_momentum(cfg) -> None:

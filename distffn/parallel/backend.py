@@ -8,7 +8,6 @@ state back. Evaluation, checkpoints and restoring state are written once, in
 from __future__ import annotations
 
 import socket
-
 from dataclasses import dataclass
 
 import numpy as np

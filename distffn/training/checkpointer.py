@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .extension import PRIORITY_WRITE, Extension
-from .triggers import AnyTrigger, IntervalTrigger, every_epoch
+from .triggers import AnyTrigger, IntervalTrigger, end_of_training, every_epoch
 
 
 class TrainingDiverged(UserError):
@@ -36,14 +36,15 @@ class Restored:
 
 class Checkpointer(Extension):
     """Every ``checkpoint.every_steps`` steps (0: none between epochs), at the end of every
-    epoch, and at step 0 of a new run (so every run can be replayed); keeps the newest
-    ``checkpoint.num_to_keep`` besides step 0. Only the root process writes."""
+    epoch and of the run (an early stop too), and at step 0 of a new run (so every run can be
+    replayed); keeps the newest ``checkpoint.num_to_keep`` besides step 0. Only the root
+    process writes."""
 
     priority = PRIORITY_WRITE
 
     def __init__(self, job, folder: str, layout, optimizer_buffers):
         every = job.checkpoint.every_steps
-        self.trigger = AnyTrigger(IntervalTrigger(every), every_epoch) if every else every_epoch
+        self.trigger = AnyTrigger(*([IntervalTrigger(every)] if every else []), every_epoch, end_of_training)
         self.job, self.folder, self.layout = job, folder, layout
         self.buffers = tuple(optimizer_buffers)
         self.num_to_keep = job.checkpoint.num_to_keep

@@ -12,7 +12,7 @@ from ..nn.model import MLP
 from ..parallel.backend import Totals
 from .checkpoint import load_checkpoint, unpack_state
 from .extension import PRIORITY_EVALUATE, Extension
-from .triggers import steps_or_epoch
+from .triggers import AnyTrigger, end_of_training, steps_or_epoch
 
 
 class SplitEvaluator:
@@ -43,13 +43,13 @@ class SplitEvaluator:
 
 class Evaluator(Extension):
     """Test loss and accuracy of the current Θ, every ``training.eval_every`` steps (by
-    default at the end of every epoch) and after the last step; the result goes into
-    ``trainer.observation["test"]``."""
+    default at the end of every epoch) and after the last step, early stops included; the
+    result goes into ``trainer.observation["test"]``."""
 
     priority = PRIORITY_EVALUATE
 
     def __init__(self, job, data, backend):
-        self.trigger = steps_or_epoch(job.training.eval_every)
+        self.trigger = AnyTrigger(steps_or_epoch(job.training.eval_every), end_of_training)
         self.split = SplitEvaluator(job.model, data.x_test, data.t_test, data.labels_test,
                                     job.training.eval_batch_size, backend.array_module,
                                     backend.process_index, backend.process_count,
@@ -62,8 +62,7 @@ class Evaluator(Extension):
         trainer.observation["test_step"] = self.last_step = trainer.state.step
 
     def finalize(self, trainer):
-        if self.last_step != trainer.state.step:     # the final model is always evaluated
-            trainer.backend.sync()
+        if self.last_step != trainer.state.step:     # a resumed run that had nothing left to do
             self(trainer)
 
 

@@ -34,8 +34,8 @@ class AnyTrigger:
 
 
 def end_of_training(trainer) -> bool:
-    """Fires after the last step of the run."""
-    return trainer.finished
+    """Fires after the last step of the run, or once an extension has stopped it early."""
+    return trainer.finished or trainer.stop_reason is not None
 
 
 def every_epoch(trainer) -> bool:

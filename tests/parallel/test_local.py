@@ -6,7 +6,7 @@ import pytest
 
 from distffn.jobspec import from_dict
 
-from helpers import assert_same_model, job_dict, train_in_process
+from helpers import ADAM, assert_same_model, job_dict, train_in_process
 
 
 def test_the_reference_is_sensitive_to_weighting(reference, tmp_path):
@@ -35,3 +35,8 @@ def test_the_reference_is_sensitive_to_weighting(reference, tmp_path):
 def test_local_workers_match_one_worker(reference, tmp_path, n):
     train_in_process(tmp_path / "run", scaling={"num_workers": n})
     assert_same_model(reference, tmp_path / "run")
+
+
+def test_local_workers_match_one_worker_with_adam(adam_reference, tmp_path):
+    train_in_process(tmp_path / "run", scaling={"num_workers": 3}, optimizer=ADAM)
+    assert_same_model(adam_reference, tmp_path / "run")

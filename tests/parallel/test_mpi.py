@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from helpers import MPIEXEC, assert_same_model, needs_mpi, run_group, run_mpi
+from helpers import ADAM, MPIEXEC, assert_same_model, needs_mpi, run_group, run_mpi
 
 
 @needs_mpi
@@ -17,6 +17,16 @@ def test_mpi_ranks_match_one_worker(reference, tmp_path, n, mode):
     assert_same_model(reference, out)
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert start["num_workers"] == n and len(start["placement"]) == n
+
+
+@needs_mpi
+@pytest.mark.parametrize("mode", ["allreduce", "central"])
+def test_mpi_ranks_match_one_worker_with_adam(adam_reference, tmp_path, mode):
+    """allreduce: every rank holds the optimizer; central: rank 0 alone. Both give Adam's
+    one-worker model, moments included."""
+    r, out, _ = run_mpi(tmp_path, 2, mode, optimizer=ADAM)
+    assert r.returncode == 0, r.stderr
+    assert_same_model(adam_reference, out)
 
 
 @needs_mpi

@@ -14,6 +14,7 @@ from distffn.training import Trainer
 from distffn.training import checkpoint as ckpt
 
 from helpers import (
+    ADAM,
     assert_cpus_released,
     assert_same_model,
     job_dict,
@@ -28,6 +29,14 @@ from helpers import (
 def test_ray_workers_match_one_worker(ray_instance, reference, tmp_path, n, mode):
     train_in_process(tmp_path / "run", scaling={"backend": "ray", "num_workers": n, "aggregation": mode})
     assert_same_model(reference, tmp_path / "run")
+
+
+@pytest.mark.parametrize("mode", ["central", "allreduce"])
+def test_ray_workers_match_one_worker_with_adam(ray_instance, adam_reference, tmp_path, mode):
+    """central: the aggregator actor holds Adam's state; allreduce: every actor does."""
+    train_in_process(tmp_path / "run", scaling={"backend": "ray", "num_workers": 2, "aggregation": mode},
+                     optimizer=ADAM)
+    assert_same_model(adam_reference, tmp_path / "run")
 
 
 @pytest.mark.parametrize("mode", ["central", "allreduce"])

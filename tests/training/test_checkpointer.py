@@ -1,9 +1,11 @@
 """Saving and restoring runs: pruning, resume refusals, older formats."""
 from __future__ import annotations
 
+from distffn.jobspec import from_dict
+from distffn.training import Trainer
 from distffn.training import checkpoint as ckpt
 
-from helpers import run_cli, user_error, write_job
+from helpers import StopAt, job_dict, run_cli, user_error, write_job
 
 
 def test_num_to_keep_prunes_but_keeps_step_zero(tmp_path):
@@ -20,3 +22,22 @@ def test_resume_with_another_model_is_refused(tmp_path, capsys):
     capsys.readouterr()
     user_error(capsys, ["run", job, "--out", out, "--resume", "--set", "model.layers=[64,16,10]"],
                "another model")
+
+
+def test_resume_with_another_optimizer_is_refused(tmp_path, capsys):
+    job = write_job(tmp_path)
+    out = str(tmp_path / "run")
+    run_cli(job, "--out", out)
+    capsys.readouterr()
+    user_error(capsys, ["run", job, "--out", out, "--resume", "--set", "optimizer.name=adam"],
+               "optimizer.name", "'momentum'", "'adam'")
+
+
+def test_an_early_stop_saves_the_final_state(tmp_path):
+    """The run's last Θ is always on disk, whether the schedule ended or an extension stopped it."""
+    job = from_dict(job_dict(checkpoint={"every_steps": 0, "num_to_keep": 10}))
+    summary = Trainer(job, str(tmp_path / "run"), progress=False, echo=lambda s: None,
+                      extensions=[StopAt(4)]).run()
+    assert summary["step"] == 4 and summary["stopped"] == "step 4 reached"
+    steps = [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "run" / "checkpoints"))]
+    assert steps == [0, 3, 4]

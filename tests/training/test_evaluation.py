@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from distffn.cli import main
+from distffn.jobspec import from_dict
+from distffn.training import Trainer, evaluate_checkpoint
 from distffn.training import checkpoint as ckpt
 
-from helpers import run_cli, write_job
+from helpers import job_dict, run_cli, train_in_process, write_job
 
 
 def test_eval_reproduces_the_final_accuracy(tmp_path, capsys):
@@ -18,3 +23,35 @@ def test_eval_reproduces_the_final_accuracy(tmp_path, capsys):
     assert main(["eval", last]) == 0
     printed = capsys.readouterr().out
     assert f"{100 * summary['test_accuracy']:.2f}%" in printed
+
+
+def test_eval_every_evaluates_every_n_steps_and_at_the_end(tmp_path):
+    """``training.eval_every: 4`` on 3 steps per epoch: evaluations after steps 4 and 8 and the
+    last one (9), each an ``eval`` line; epoch lines carry test figures only where Θ was
+    evaluated after that very step; and each figure is what ``distffn eval`` gives for the
+    checkpoint of that step."""
+    out = tmp_path / "run"
+    job = from_dict(job_dict(training={"epochs": 3, "eval_every": 4},
+                             checkpoint={"every_steps": 4, "num_to_keep": 100}))
+    summary = Trainer(job, str(out), progress=False, echo=lambda s: None).run()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [r["step"] for r in evals] == [4, 8, 9]
+    assert [r["epoch"] for r in evals] == [round(4 / 3, 4), round(8 / 3, 4), 3.0]
+    assert [r["step"] for r in epochs] == [3, 6, 9]
+    assert epochs[0]["test_loss"] is None and epochs[1]["test_loss"] is None
+    assert epochs[2]["test_loss"] == evals[2]["test_loss"] == summary["test_loss"]
+    for r in evals:
+        path = os.path.join(out, "checkpoints", ckpt.checkpoint_name(r["step"]))
+        again = evaluate_checkpoint(path)
+        assert again["test_loss"] == pytest.approx(r["test_loss"], rel=1e-12)
+        assert again["test_correct"] == r["test_correct"] and again["test_count"] == r["test_count"] == 359
+
+
+def test_default_is_one_evaluation_per_epoch(tmp_path):
+    out = tmp_path / "run"
+    train_in_process(out, training={"epochs": 2})
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [3, 6]
+    assert all(r["test_accuracy"] is not None for r in records if r["event"] == "epoch")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 
@@ -9,13 +10,15 @@ import numpy as np
 import pytest
 
 from distffn.jobspec import from_dict
-from distffn.training import Trainer  # noqa: E402
+from distffn.training import Extension, IntervalTrigger, Trainer
 from distffn.training import checkpoint as ckpt
 from distffn.training.checkpoint import load_checkpoint
 
 from helpers import (
+    StopAt,
     final_params,
     interrupted_copy,
+    job_dict,
     run_cli,
     train_job,
     user_error,
@@ -33,9 +36,13 @@ def run_gpu_job(tmp_path, use_gpu):
                    echo=lambda s: None).run_gpu_job()
 
 
-def test_resume_from_mid_epoch_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("optimizer", [{"name": "momentum"}, {"name": "nesterov"},
+                                       {"name": "adam", "lr": 0.002, "weight_decay": 1e-4}])
+def test_resume_from_mid_epoch_equals_uninterrupted_run(tmp_path, optimizer):
+    """Θ and the optimizer's whole state (velocity; Adam's moments and step count) survive a
+    checkpoint: the resumed run ends bit for bit where the uninterrupted one does."""
     job = write_job(tmp_path, checkpoint={"every_steps": 7, "num_to_keep": 100},
-                    training={"epochs": 3})
+                    training={"epochs": 3}, optimizer=optimizer)
     full = tmp_path / "full"
     run_cli(job, "--out", str(full))
     # an interrupted copy: only the checkpoints up to step 14 (mid-epoch 1) survive, and the
@@ -134,3 +141,48 @@ def test_training_on_gpu_matches_cpu(tmp_path, cupy):
     b = ckpt.newest_valid_checkpoint(str(tmp_path / "cpu" / "checkpoints"))[1]
     for name in b:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+class Recorder(Extension):
+    """Writes down when it fires and what the trainer shows it."""
+
+    def __init__(self, log, name, trigger, priority, training_time=False):
+        self.log, self.label, self.trigger, self.priority = log, name, trigger, priority
+        self.training_time = training_time
+
+    def initialize(self, trainer):
+        self.log.append((self.label, "initialize", trainer.state.step))
+
+    def __call__(self, trainer):
+        self.log.append((self.label, trainer.state.step, trainer.epoch_ended, "test" in trainer.observation))
+
+    def finalize(self, trainer):
+        self.log.append((self.label, "finalize", trainer.state.step))
+
+
+def test_extensions_fire_by_trigger_in_priority_order(tmp_path):
+    """A user's extensions join the default ones: fired when their trigger holds, higher
+    priority first, so one that reads the evaluation (priority below it) sees it."""
+    log = []
+    exts = [Recorder(log, "late", IntervalTrigger(1, "epoch"), priority=150),
+            Recorder(log, "early", IntervalTrigger(2, "step"), priority=400)]
+    job = from_dict(job_dict(training={"epochs": 2}))
+    summary = Trainer(job, str(tmp_path / "run"), progress=False, echo=lambda s: None, extensions=exts).run()
+    assert summary["step"] == 6
+    assert log == [("early", "initialize", 0), ("late", "initialize", 0),
+                   ("early", 2, False, False),
+                   ("late", 3, True, True),                      # after the epoch's evaluation
+                   ("early", 4, False, True),
+                   ("early", 6, True, True), ("late", 6, True, True),
+                   ("early", "finalize", 6), ("late", "finalize", 6)]
+
+
+def test_an_extension_can_stop_the_run_early(tmp_path):
+    out = tmp_path / "run"
+    job = from_dict(job_dict(training={"epochs": 5}))
+    summary = Trainer(job, str(out), progress=False, echo=lambda s: None, extensions=[StopAt(5)]).run()
+    assert summary["step"] == 5 and summary["stopped"] == "step 5 reached"
+    assert summary["test_loss"] is not None                       # the final model is evaluated
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [3, 5]
+    assert json.loads((out / "summary.json").read_text())["stopped"] == "step 5 reached"
