@@ -10,27 +10,32 @@ from .dataset import DATASETS, IMAGE_SHAPES, Dataset, split
 SINE_POINTS = 1000
 
 
-def sklearn_dataset(cfg, seed: int) -> Dataset:
-    from sklearn import datasets  # imported lazily: slow, and only these three need it
+def _sklearn(loader: str):
+    """A loader for one of scikit-learn's bundled datasets (``sklearn.datasets.<loader>``)."""
+    def load(cfg, seed: int) -> Dataset:
+        from sklearn import datasets  # imported lazily: slow, and only these three need it
 
-    name = cfg.dataset
-    bunch = {"digits": datasets.load_digits, "breast-cancer": datasets.load_breast_cancer,
-             "diabetes": datasets.load_diabetes}[name]()
-    x = bunch.data.astype(np.float32)
-    if name == "digits":
-        x /= 16.0  # pixel intensities are 0..16
-    if name == "diabetes":
-        y = bunch.target.astype(np.float32).reshape(-1, 1)
-        return split(name, x, y, "regression", cfg, seed)
-    y = bunch.target.astype(np.int64)
-    return split(name, x, y, "classification", cfg, seed, num_classes=int(y.max()) + 1,
-                 image_shape=IMAGE_SHAPES.get(name),
-                 class_names=[str(c) for c in bunch.target_names])
+        name = cfg.dataset
+        bunch = getattr(datasets, loader)()
+        x = bunch.data.astype(np.float32)
+        if name == "digits":
+            x /= 16.0  # pixel intensities are 0..16
+        if bunch.target.dtype.kind == "f":                  # diabetes: a regression target
+            y = bunch.target.astype(np.float32).reshape(-1, 1)
+            return split(name, x, y, "regression", cfg, seed)
+        y = bunch.target.astype(np.int64)
+        return split(name, x, y, "classification", cfg, seed, num_classes=int(y.max()) + 1,
+                     image_shape=IMAGE_SHAPES.get(name),
+                     class_names=[str(c) for c in bunch.target_names])
+    return load
 
 
-DATASETS.register("digits", sklearn_dataset, doc="scikit-learn's 8×8 digits (1,797 images, 10 classes)")
-DATASETS.register("breast-cancer", sklearn_dataset, doc="scikit-learn's breast cancer (569 samples, 30 features, 2 classes)")
-DATASETS.register("diabetes", sklearn_dataset, doc="scikit-learn's diabetes (442 samples, 10 features, regression)")
+DATASETS.register("digits", _sklearn("load_digits"),
+                  doc="scikit-learn's 8×8 digits (1,797 images, 10 classes)")
+DATASETS.register("breast-cancer", _sklearn("load_breast_cancer"),
+                  doc="scikit-learn's breast cancer (569 samples, 30 features, 2 classes)")
+DATASETS.register("diabetes", _sklearn("load_diabetes"),
+                  doc="scikit-learn's diabetes (442 samples, 10 features, regression)")
 
 
 @DATASETS.register("xor", doc="the four XOR points (the lectures' net), never normalised")

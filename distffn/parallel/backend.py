@@ -31,7 +31,7 @@ class StepTimes:
     """Seconds spent per phase, summed over steps (the per-step time breakdown)."""
     compute: float = 0.0        # forward + backward on the workers
     communication: float = 0.0  # moving ΔΘ and Θ between workers and aggregator
-    update: float = 0.0         # the momentum SGD update
+    update: float = 0.0         # the optimizer's update
     waiting: float = 0.0        # idle: the slowest worker's lead over the others
     steps: int = 0
 
