@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import yaml
 
+from . import bounded_yaml
+from .bounded_yaml import short
 from .data import DATASETS
 from .errors import UserError
 from .nn.activations import ACTIVATIONS
@@ -136,11 +138,11 @@ def _coerce(value, tp, where: str):
         list: lambda v: isinstance(v, list),
     }[tp]
     if not ok(value):
-        raise UserError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise UserError(f"{where}: expected {_type_name(tp)}, got {short(value)}")
     if tp is float:
         value = float(value)
         if not math.isfinite(value):
-            raise UserError(f"{where}: expected a finite number, got {value!r}")
+            raise UserError(f"{where}: expected a finite number, got {short(value)}")
     return value
 
 
@@ -152,7 +154,7 @@ def _build_section(cls, raw, where: str):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"{where}: expected a mapping of keys, got {raw!r}")
+        raise UserError(f"{where}: expected a mapping of keys, got {short(raw)}")
     types = _resolved_types(cls)
     unknown = sorted(set(raw) - set(types))
     if unknown:
@@ -163,14 +165,15 @@ def _build_section(cls, raw, where: str):
 
 def _positive(value, where, allow_zero=False):
     if value < 0 or (value == 0 and not allow_zero):
-        raise UserError(f"{where}: expected a {'non-negative' if allow_zero else 'positive'} value, got {value!r}")
+        raise UserError(f"{where}: expected a {'non-negative' if allow_zero else 'positive'} value, got {short(value)}")
 
 
 def validate(job: JobConfig) -> JobConfig:
     """Check every field's range and the cross-field rules; returns ``job``."""
     d, m, o, t, s, c = job.data, job.model, job.optimizer, job.training, job.scaling, job.checkpoint
-    if not job.name or "/" in job.name:
-        raise UserError(f"name: expected a non-empty name without '/', got {job.name!r}")
+    if job.name in ("", ".", "..") or any(c in job.name for c in "/\\\0"):
+        raise UserError(f"name: expected one folder name (it names runs/<name>): not empty, not '.' "
+                        f"or '..', no '/', got {short(job.name)}")
     DATASETS.check(d.dataset)
     if not 0.0 < d.test_fraction < 1.0:
         raise UserError(f"data.test_fraction: expected a number between 0 and 1, got {d.test_fraction}")
@@ -181,17 +184,17 @@ def validate(job: JobConfig) -> JobConfig:
 
     if len(m.layers) < 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in m.layers):
         raise UserError(f"model.layers: expected a list of at least two positive integers "
-                        f"(input width, hidden widths..., outputs), got {m.layers!r}")
+                        f"(input width, hidden widths..., outputs), got {short(m.layers)}")
     if not ACTIVATIONS.get(m.activation).trainable:
-        raise UserError(f"model.activation: {m.activation!r} has zero gradient almost everywhere, so "
+        raise UserError(f"model.activation: {short(m.activation)} has zero gradient almost everywhere, so "
                         f"backpropagation cannot train it; choose one of "
                         f"{ACTIVATIONS.choices(lambda act: act.trainable)}")
     if m.output not in outputs():
-        raise UserError(f"model.output: expected one of {', '.join(outputs())}; got {m.output!r}")
+        raise UserError(f"model.output: expected one of {', '.join(outputs())}; got {short(m.output)}")
     if m.loss not in losses():
-        raise UserError(f"model.loss: expected one of {', '.join(losses())}; got {m.loss!r}")
+        raise UserError(f"model.loss: expected one of {', '.join(losses())}; got {short(m.loss)}")
     if m.loss not in losses_for(m.output):
-        raise UserError(f"model.loss: {m.loss!r} does not go with output {m.output!r}; "
+        raise UserError(f"model.loss: {short(m.loss)} does not go with output {short(m.output)}; "
                         f"use one of {', '.join(losses_for(m.output))}")
     if m.output == "softmax" and m.layers[-1] < 2:
         raise UserError(f"model.layers: a softmax output needs at least 2 units, got {m.layers[-1]}")
@@ -219,7 +222,7 @@ def validate(job: JobConfig) -> JobConfig:
     modes = BACKENDS.check(s.backend)
     if s.aggregation not in modes:
         raise UserError(f"scaling.aggregation: expected one of {', '.join(aggregations())}; "
-                        f"got {s.aggregation!r}")
+                        f"got {short(s.aggregation)}")
     _positive(s.num_workers, "scaling.num_workers")
     _positive(s.timeout_s, "scaling.timeout_s")
     if s.num_workers > t.batch_size:
@@ -256,9 +259,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             return parts, value
         raise UserError(f"--set {text!r}: expected section.key=value, e.g. training.epochs=5")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
+        parsed = bounded_yaml.loads(value, f"--set {key}") if value.strip() else None
+    except UserError:
+        parsed = value                  # not YAML: the plain string
     return parts, parsed
 
 
@@ -281,20 +284,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such job file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a folder, expected a YAML job file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file; expected a YAML job spec") from None
+    """A job file's parsed YAML, read with bounds (size, nesting, aliases)."""
+    return bounded_yaml.load_file(path, "YAML job file")
 
 
 def load_job(path: str, overrides: Optional[list[str]] = None) -> JobConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Optional
 
+from .bounded_yaml import short
 from .errors import UserError
 
 
@@ -44,13 +45,13 @@ class Registry:
         try:
             return self._entries[name]
         except (KeyError, TypeError):
-            raise UserError(f"{field or self.field}: expected one of {self.choices()}; got {name!r}") from None
+            raise UserError(f"{field or self.field}: expected one of {self.choices()}; got {short(name)}") from None
 
     def check(self, name: str, field: Optional[str] = None, where: Callable[[Any], bool] = None):
         """Raise :class:`UserError` unless ``name`` is registered (and ``where(entry)`` holds)."""
         entry = self.get(name, field)
         if where is not None and not where(entry):
-            raise UserError(f"{field or self.field}: expected one of {self.choices(where)}; got {name!r}")
+            raise UserError(f"{field or self.field}: expected one of {self.choices(where)}; got {short(name)}")
         return entry
 
     def names(self, where: Callable[[Any], bool] = None) -> list[str]:
