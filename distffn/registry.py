@@ -40,6 +40,13 @@ class Registry:
             return entry
         return add if obj is None else add(obj)
 
+    def named(self, name: str):
+        """Class decorator: set ``cls.name`` and register the class under it."""
+        def add(cls):
+            cls.name = name
+            return self.register(name, cls)
+        return add
+
     def get(self, name: str, field: Optional[str] = None):
         """The entry called ``name``; an unknown name is the user's mistake in ``field``."""
         try:

@@ -11,13 +11,6 @@ from ..registry import Registry
 ACTIVATIONS = Registry("activation", "model.activation")
 
 
-def _register(name: str):
-    def add(cls):
-        cls.name = name
-        return ACTIVATIONS.register(name, cls)
-    return add
-
-
 class Activation:
     """Elementwise activation. ``pieces`` > 1 means z has that many columns per unit (maxout)."""
 
@@ -39,7 +32,7 @@ class Activation:
         raise NotImplementedError
 
 
-@_register("sigmoid")
+@ACTIVATIONS.named("sigmoid")
 class Sigmoid(Activation):
     """σ(z) = 1 / (1 + e^−z)"""
 
@@ -54,7 +47,7 @@ class Sigmoid(Activation):
         xp.multiply(da, a * (1.0 - a), out=dz)
 
 
-@_register("tanh")
+@ACTIVATIONS.named("tanh")
 class Tanh(Activation):
     """tanh(z)"""
 
@@ -65,7 +58,7 @@ class Tanh(Activation):
         xp.multiply(da, 1.0 - a * a, out=dz)
 
 
-@_register("relu")
+@ACTIVATIONS.named("relu")
 class ReLU(Activation):
     """max(0, z)"""
 
@@ -83,7 +76,7 @@ class ReLU(Activation):
         xp.multiply(da, mask, out=dz)
 
 
-@_register("leaky_relu")
+@ACTIVATIONS.named("leaky_relu")
 class LeakyReLU(Activation):
     """z if z > 0 else leaky_slope·z"""
 
@@ -101,7 +94,7 @@ class LeakyReLU(Activation):
         xp.multiply(da, xp.where(z > 0, 1.0, self.slope).astype(z.dtype), out=dz)
 
 
-@_register("prelu")
+@ACTIVATIONS.named("prelu")
 class PReLU(Activation):
     """z if z > 0 else α·z, one learned slope α per unit (initially prelu_init)"""
 
@@ -116,7 +109,7 @@ class PReLU(Activation):
         xp.multiply(da, xp.where(z > 0, 1.0, alpha).astype(z.dtype), out=dz)
 
 
-@_register("abs")
+@ACTIVATIONS.named("abs")
 class Abs(Activation):
     """|z| (absolute value)"""
 
@@ -127,7 +120,7 @@ class Abs(Activation):
         xp.multiply(da, xp.sign(z), out=dz)
 
 
-@_register("softplus")
+@ACTIVATIONS.named("softplus")
 class Softplus(Activation):
     """log(1 + e^z)"""
 
@@ -139,7 +132,7 @@ class Softplus(Activation):
         xp.multiply(da, -xp.expm1(-a), out=dz)
 
 
-@_register("maxout")
+@ACTIVATIONS.named("maxout")
 class Maxout(Activation):
     """max of maxout_pieces linear pieces per unit (columns j·k … j·k+k−1 of z)"""
 
@@ -162,7 +155,7 @@ class Maxout(Activation):
         xp.multiply(onehot, da[:, :, None], out=dz.reshape(n, -1, k))
 
 
-@_register("linear")
+@ACTIVATIONS.named("linear")
 class Linear(Activation):
     """z (identity)"""
 
@@ -184,7 +177,7 @@ class _ZeroGradient(Activation):
                         f"cannot be trained by backpropagation")
 
 
-@_register("sign")
+@ACTIVATIONS.named("sign")
 class Sign(_ZeroGradient):
     """sign(z): inference only, zero gradient"""
 
@@ -192,7 +185,7 @@ class Sign(_ZeroGradient):
         xp.sign(z, out=a)
 
 
-@_register("step")
+@ACTIVATIONS.named("step")
 class Step(_ZeroGradient):
     """[z > 0]: inference only, zero gradient"""
 

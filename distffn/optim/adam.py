@@ -16,10 +16,10 @@ import math
 import numpy as np
 
 from ..errors import UserError
-from .optimizer import CHUNK, Optimizer, register
+from .optimizer import CHUNK, OPTIMIZERS, Optimizer
 
 
-@register("adam")
+@OPTIMIZERS.named("adam")
 class Adam(Optimizer):
     """PyTorch's Adam: betas (β₁, β₂), eps, weight_decay (L2)"""
 

@@ -9,7 +9,7 @@ import functools
 
 import numpy as np
 
-from .optimizer import CHUNK, Optimizer, check_momentum, register
+from .optimizer import CHUNK, OPTIMIZERS, Optimizer, check_momentum
 
 
 def momentum_update_numpy(theta, velocity, grad, momentum: float, scale: float, decay: float = 0.0):
@@ -41,7 +41,7 @@ def momentum_update_cupy(theta, velocity, grad, momentum: float, scale: float, d
     _momentum_kernel()(grad, dt(momentum), dt(scale), dt(decay), theta, velocity)
 
 
-@register("momentum")
+@OPTIMIZERS.named("momentum")
 class MomentumSGD(Optimizer):
     """v ← μ·v − ε·ΔΘ; Θ ← Θ + v (the lectures' form; μ = optimizer.momentum)"""
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .optimizer import CHUNK, Optimizer, check_momentum, register
+from .optimizer import CHUNK, OPTIMIZERS, Optimizer, check_momentum
 
 
-@register("nesterov")
+@OPTIMIZERS.named("nesterov")
 class NesterovSGD(Optimizer):
     """v ← μ·v − ε·ΔΘ; Θ ← Θ + μ·v − ε·ΔΘ (Nesterov momentum)"""
 

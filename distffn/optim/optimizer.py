@@ -25,12 +25,6 @@ OPTIMIZERS = Registry("optimizer", "optimizer.name")
 CHUNK = 1 << 16
 
 
-def register(name: str):
-    """Class decorator: register an :class:`Optimizer` subclass as ``optimizer.name: NAME``."""
-    def add(cls):
-        cls.name = name
-        return OPTIMIZERS.register(name, cls)
-    return add
 
 
 class Optimizer:
