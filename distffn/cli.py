@@ -68,12 +68,13 @@ def cmd_run(args) -> int:
     from .jobspec import load_job
     from .parallel.launch import maybe_relaunch_under_mpi
     from .training import Trainer
+    from .training.trainer import check_run_dir
 
     job = load_job(args.job, args.overrides)
-    relaunched = maybe_relaunch_under_mpi(job, args.argv)
+    out = args.out or os.path.join("runs", job.name)
+    relaunched = maybe_relaunch_under_mpi(job, args.argv, checks=[lambda: check_run_dir(out, args.resume)])
     if relaunched is not None:
         return relaunched
-    out = args.out or os.path.join("runs", job.name)
     progress = False if args.no_progress else (sys.stdout.isatty() and sys.stderr.isatty())
     trainer = Trainer(job, out, resume=args.resume, progress=progress)
     summary = trainer.run()

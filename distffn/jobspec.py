@@ -83,6 +83,7 @@ class ScalingConfig:
     aggregation: str = "central"
     address: Optional[str] = None       # an existing Ray cluster (else RAY_ADDRESS, else a local one)
     timeout_s: float = 300.0            # a step that takes longer names the missing workers
+    oversubscribe: bool = False         # allow more than 4 workers per core on one node
 
 
 @dataclass
@@ -215,6 +216,7 @@ def validate(job: JobConfig) -> JobConfig:
     _positive(o.warmup_steps, "optimizer.warmup_steps", allow_zero=True)
 
     _positive(t.epochs, "training.epochs")
+    _positive(t.seed, "training.seed", allow_zero=True)
     _positive(t.batch_size, "training.batch_size")
     _positive(t.eval_every, "training.eval_every", allow_zero=True)
     _positive(t.eval_batch_size, "training.eval_batch_size")

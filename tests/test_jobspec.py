@@ -97,6 +97,8 @@ def test_an_empty_job_spec_is_refused(tmp_path, capsys, text):
     ("optimizer", {"name": "nesterov", "momentum": 1.0}, ["optimizer.momentum"]),
     ("optimizer", {"schedule": "exponential"}, ["optimizer.schedule", "constant, inverse_time, step, cosine"]),
     ("training", {"eval_every": -5}, ["training.eval_every"]),
+    ("training", {"seed": -1}, ["training.seed", "non-negative"]),
+    ("training", {"seed": 1.5}, ["training.seed", "an integer"]),
     ("model", {"init": "orthogonal"}, ["model.init", "he, xavier, normal"]),
     ("scaling", {"aggregation": "gossip"}, ["scaling.aggregation", "central, allreduce"]),
     ("scaling", {"backend": "spark"}, ["scaling.backend", "local, mpi, ray"]),

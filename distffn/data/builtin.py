@@ -12,6 +12,8 @@ SINE_POINTS = 1000
 
 def _sklearn(loader: str):
     """A loader for one of scikit-learn's bundled datasets (``sklearn.datasets.<loader>``)."""
+    source = f"scikit-learn (sklearn.datasets.{loader})"
+
     def load(cfg, seed: int) -> Dataset:
         from sklearn import datasets  # imported lazily: slow, and only these three need it
 
@@ -22,11 +24,11 @@ def _sklearn(loader: str):
             x /= 16.0  # pixel intensities are 0..16
         if bunch.target.dtype.kind == "f":                  # diabetes: a regression target
             y = bunch.target.astype(np.float32).reshape(-1, 1)
-            return split(name, x, y, "regression", cfg, seed)
+            return split(name, x, y, "regression", cfg, seed, source=source)
         y = bunch.target.astype(np.int64)
         return split(name, x, y, "classification", cfg, seed, num_classes=int(y.max()) + 1,
                      image_shape=IMAGE_SHAPES.get(name),
-                     class_names=[str(c) for c in bunch.target_names])
+                     class_names=[str(c) for c in bunch.target_names], source=source)
     return load
 
 
@@ -42,7 +44,7 @@ DATASETS.register("diabetes", _sklearn("load_diabetes"),
 def xor(cfg, seed: int) -> Dataset:
     x = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
     y = np.array([0, 1, 1, 0], dtype=np.int64)
-    return Dataset("xor", x, y, x.copy(), y.copy(), "classification", num_classes=2)
+    return Dataset("xor", x, y, x.copy(), y.copy(), "classification", num_classes=2, source="generated")
 
 
 @DATASETS.register("sine", doc=f"{SINE_POINTS} points of sin(x) on [0, 2π] (regression)")
@@ -50,5 +52,5 @@ def sine(cfg, seed: int) -> Dataset:
     # A stream of its own, so the sampled x values are independent of the split's shuffle.
     rng = np.random.default_rng([seed, 1])
     x = rng.uniform(0.0, 2 * math.pi, size=(SINE_POINTS, 1)).astype(np.float32)
-    return split("sine", x, np.sin(x), "regression", cfg, seed)
+    return split("sine", x, np.sin(x), "regression", cfg, seed, source="generated")
 

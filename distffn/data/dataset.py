@@ -35,6 +35,7 @@ class Dataset:
     image_shape: Optional[tuple] = None
     class_names: Optional[list] = None
     normalization: dict = field(default_factory=dict)
+    source: str = ""                    # where it came from: a folder, a file, scikit-learn, ...
 
     @property
     def num_features(self) -> int:

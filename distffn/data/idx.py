@@ -68,7 +68,11 @@ def read_idx(path: str, magic: Optional[int] = None) -> np.ndarray:
 
 
 def _idx_folders(cfg) -> list[str]:
-    folders = [os.path.expanduser(cfg.path)] if cfg.path else []
+    """Where to look: ``data.path`` alone when it is given (a wrong path is an error, never a
+    silent fall-back to another copy), else ``$DISTFFN_DATA/<name>``, then the system folder."""
+    if cfg.path:
+        return [os.path.expanduser(cfg.path)]
+    folders = []
     if os.environ.get("DISTFFN_DATA"):
         folders.append(os.path.join(os.environ["DISTFFN_DATA"], cfg.dataset))
     folders.append(os.path.join(SYSTEM_DATA_DIR, cfg.dataset))
@@ -98,6 +102,9 @@ def _locate_idx(cfg) -> dict:
         else:
             looked.append(f"{folder} (missing {', '.join(missing)})")
     how = "run `apt-get install dataset-fashion-mnist`, or " if cfg.dataset == "fashion-mnist" else ""
+    if cfg.path:
+        raise UserError(f"data.path: {looked[0]}; expected the folder holding "
+                        f"{', '.join(bases)} (or .gz) of {cfg.dataset}; get them from {URLS[cfg.dataset]}")
     raise UserError(
         f"{cfg.dataset}: IDX files not found; looked in: {'; '.join(looked)}. To get them, {how}"
         f"download {', '.join(f + '.gz' for f in bases)} from {URLS[cfg.dataset]} into one of "
@@ -121,7 +128,8 @@ def idx_dataset(cfg, seed: int) -> Dataset:
     names = FASHION_MNIST_CLASSES if cfg.dataset == "fashion-mnist" else [str(d) for d in range(10)]
     return Dataset(cfg.dataset, x_train, y_train, x_test, y_test, "classification",
                    num_classes=num_classes, image_shape=IMAGE_SHAPES[cfg.dataset],
-                   class_names=names if num_classes <= len(names) else None)
+                   class_names=names if num_classes <= len(names) else None,
+                   source=os.path.dirname(paths[IDX_FILES["train"][0]]))
 
 
 DATASETS.register("mnist", idx_dataset, doc="MNIST handwritten digits from IDX files (60,000 / 10,000)")

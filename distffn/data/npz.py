@@ -88,4 +88,4 @@ def npz_dataset(cfg, seed: int) -> Dataset:
     if kind == "classification":
         num_classes = int(max(a["y_train"].max(), a["y_test"].max())) + 1
     return Dataset("npz", a["x_train"], a["y_train"], a["x_test"], a["y_test"], kind,
-                   num_classes=num_classes)
+                   num_classes=num_classes, source=os.path.abspath(path))

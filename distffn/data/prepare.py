@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UserError
 from ..nn.model import MLP
 from .dataset import Dataset
 from .load import load_dataset
@@ -27,10 +28,15 @@ class PreparedData:
 
 
 def prepare_data(job) -> tuple[Dataset, PreparedData, MLP]:
-    """Load ``job``'s dataset, check it fits the model, and build the targets the loss needs."""
-    ds = load_dataset(job.data, job.training.seed)
+    """Load ``job``'s dataset, check it fits the model and the batch size, and build the
+    targets the loss needs."""
     model = MLP(job.model)
+    ds = load_dataset(job.data, job.training.seed)
     model.check_data(ds.num_features, job.data.dataset)
+    n = ds.x_train.shape[0]
+    if job.training.batch_size > n:
+        raise UserError(f"training.batch_size: {job.training.batch_size} is larger than the {n:,} "
+                        f"training samples of data.dataset {job.data.dataset!r}")
     where = f"data.dataset {job.data.dataset!r}"
     obj = model.objective
     labels = ds.kind == "classification"

@@ -7,7 +7,10 @@ import subprocess
 import sys
 
 from ..data.prepare import prepare_data
+from ..optim import OPTIMIZERS
+from ..xp import get_array_module
 from .mpi_env import find_mpiexec, under_mpi, world
+from .resources import check_cores, check_memory
 
 
 def adopt_mpi_world(job, echo=print):
@@ -25,8 +28,9 @@ def adopt_mpi_world(job, echo=print):
         job.scaling.num_workers = size
 
 
-def maybe_relaunch_under_mpi(job, argv: list[str]) -> int | None:
-    """For ``scaling.backend: mpi`` outside mpiexec, run this same command under mpiexec.
+def maybe_relaunch_under_mpi(job, argv: list[str], checks=()) -> int | None:
+    """For ``scaling.backend: mpi`` outside mpiexec, run this same command under mpiexec,
+    after every check that needs no MPI (the data, memory, cores, GPU, and ``checks``).
 
     Returns the exit code of ``mpiexec -n N``, or None when this process should train.
     """
@@ -36,7 +40,12 @@ def maybe_relaunch_under_mpi(job, argv: list[str]) -> int | None:
     if job.scaling.backend != "mpi":
         return None
     world()                                         # mpi4py missing: say so before launching
-    prepare_data(job)                               # bad data: one message here, not N
+    get_array_module(job.scaling.use_gpu)           # use_gpu without CuPy or a GPU: likewise
+    check_cores(job)
+    _, _, model = prepare_data(job)                 # bad data: one message here, not N
+    check_memory(job, model, len(OPTIMIZERS.get(job.optimizer.name).buffers), job.scaling.num_workers)
+    for check in checks:                            # the caller's (the run folder)
+        check()
     cmd = [find_mpiexec(), "-n", str(job.scaling.num_workers),
            sys.executable, "-m", "distffn.cli", *argv]
     proc = subprocess.Popen(cmd)

@@ -8,11 +8,21 @@ Without ``scaling.address`` or ``RAY_ADDRESS`` an embedded Ray instance starts o
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 
 from ..errors import UserError, WorkerFailed
+from ..xp import get_array_module
 from .backend import Backend
+from .resources import check_cores, note
 from .worker import FAULT_ENV
+
+
+def _fmt(resources: dict) -> str:
+    """Ray's resources without its per-node and memory entries: ``8 CPU, 1 GPU``."""
+    keep = {k: v for k, v in resources.items() if k in ("CPU", "GPU")}
+    return ", ".join(f"{v:g} {k}" for k, v in keep.items()) or "none"
 
 
 def _import_ray(local: bool):
@@ -40,18 +50,17 @@ class RayBackend(Backend):
 
     def __init__(self, job, data):
         self.job = job
-        self.num_workers = n = job.scaling.num_workers
+        self.num_workers = job.scaling.num_workers
         self.timeout = job.scaling.timeout_s
         address = job.scaling.address or os.environ.get("RAY_ADDRESS")
+        self.temp_dir = None
+        if address is None:                      # checks that need no engine, before one starts
+            check_cores(job)
+            get_array_module(job.scaling.use_gpu)
         ray = self.ray = _import_ray(local=address is None)
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
-            cpus = os.cpu_count() or 1
-            try:
-                ray.init(address=address, include_dashboard=False, logging_level="warning",
-                         num_cpus=None if address else max(cpus, n), log_to_driver=True)
-            except (ConnectionError, RuntimeError, ValueError) as e:
-                raise UserError(f"scaling.address: cannot connect to the Ray cluster at {address}: {e}") from None
+            self._init_ray(ray, address)
         self.pg, self.workers = None, []
         try:
             self._place()
@@ -61,19 +70,50 @@ class RayBackend(Backend):
             self.close()
             raise
 
+    def _init_ray(self, ray, address):
+        """Without an address, a Ray of this run's own: ``address="local"`` starts a new
+        instance even where another one's address file lies in /tmp/ray, in a temp folder
+        of its own (removed at the end), on loopback. With one, connect there and say so."""
+        try:
+            if address is None:
+                self.temp_dir = tempfile.mkdtemp(prefix="distffn-ray-")
+                ray.init(address="local", _temp_dir=self.temp_dir, include_dashboard=False,
+                         logging_level="warning", log_to_driver=True,
+                         num_cpus=max(os.cpu_count() or 1, self.num_workers))
+            else:
+                note(f"connecting to the Ray cluster at {address}")
+                ray.init(address=address, logging_level="warning", log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            if self.temp_dir is not None:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+            raise UserError(f"scaling.address: cannot connect to the Ray cluster at {address}: "
+                            f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}") from None
+
     def _place(self):
         ray, job, n = self.ray, self.job, self.num_workers
         from ray.util.placement_group import placement_group
 
-        self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // n)
+        total = ray.cluster_resources()
+        self.cpus = max(1, int(total.get("CPU", 1)) // n)
         bundle = {"CPU": self.cpus, **({"GPU": 1} if job.scaling.use_gpu else {})}
+        missing = {k: v * n - total.get(k, 0) for k, v in bundle.items() if v * n > total.get(k, 0)}
+        if missing:                     # more than the whole cluster has: waiting cannot help
+            raise UserError(f"scaling.num_workers: the Ray cluster cannot place {n} workers with "
+                            f"{bundle} each: it lacks " + ", ".join(f"{v:g} {k}" for k, v in missing.items())
+                            + f" (cluster resources: {_fmt(total)})")
         # SPREAD: on a cluster, workers land on different nodes where they can
         self.pg = placement_group([bundle] * n, strategy="SPREAD")
-        ready, _ = ray.wait([self.pg.ready()], timeout=self.timeout)
-        if not ready:
-            raise UserError(f"scaling.num_workers: the Ray cluster cannot place {n} workers with "
-                            f"{bundle} each within {self.timeout:g} s "
-                            f"(cluster resources: {ray.cluster_resources()})")
+        deadline = time.monotonic() + self.timeout
+        while True:                     # others' work may hold the resources: say what we wait for
+            ready, _ = ray.wait([self.pg.ready()], timeout=min(5.0, max(0.0, deadline - time.monotonic())))
+            if ready:
+                return
+            if time.monotonic() >= deadline:
+                raise UserError(f"scaling.num_workers: the Ray cluster did not place {n} workers with "
+                                f"{bundle} each within scaling.timeout_s={self.timeout:g} s "
+                                f"(available now: {_fmt(ray.available_resources())})")
+            note(f"waiting for the Ray cluster to place {n} workers with {bundle} each "
+                 f"(available now: {_fmt(ray.available_resources())})")
 
     def _actor_options(self, rank: int, runtime_env: dict | None = None) -> dict:
         """Worker ``rank`` in bundle ``rank`` of the placement group."""
@@ -134,6 +174,9 @@ class RayBackend(Backend):
         self.workers, self.pg = [], None
         if self.owns_ray:
             ray.shutdown()
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
 
     def _actors(self) -> list:
         return list(self.workers)

@@ -8,7 +8,9 @@ from typing import Optional
 
 import numpy as np
 
+from ..bounded_yaml import short
 from ..errors import UserError
+from ..jobspec import from_dict
 from . import checkpoint as ckpt
 from .extension import PRIORITY_WRITE, Extension
 from .triggers import AnyTrigger, IntervalTrigger, end_of_training, every_epoch
@@ -32,6 +34,38 @@ class Restored:
     theta: np.ndarray
     optimizer_state: dict
     state: RunState
+
+
+# What may differ on --resume: where things are and how many workers share the work (N workers
+# give the model of 1), how often to evaluate, checkpoint or log, and the name.
+_FREE_TO_CHANGE = {"name", "data.path", "training.eval_every", "training.eval_batch_size",
+                   "scaling.*", "checkpoint.*"}
+
+
+def trajectory_changes(saved_spec: dict, job) -> list[str]:
+    """``key (saved → now)`` for every field of ``job`` that differs from the spec a run was
+    started with and would change its trajectory (model, data, batch size, optimizer,
+    schedule, seed, ...). More epochs are fine unless the schedule depends on the run's
+    length (cosine)."""
+    try:
+        saved = from_dict(saved_spec, "the run's saved job spec").to_dict()
+    except UserError as e:
+        return [f"the saved spec no longer reads ({e})"]
+    now = job.to_dict()
+    changes = []
+    for section, fields in now.items():
+        if not isinstance(fields, dict):
+            fields, saved_fields, keys = {section: fields}, {section: saved.get(section)}, [section]
+        else:
+            saved_fields, keys = saved.get(section, {}), [f"{section}.{k}" for k in fields]
+        for key, (name, value) in zip(keys, fields.items()):
+            before = saved_fields.get(name)
+            if value == before or key in _FREE_TO_CHANGE or f"{section}.*" in _FREE_TO_CHANGE:
+                continue
+            if key == "training.epochs" and job.optimizer.schedule != "cosine":
+                continue
+            changes.append(f"{key} ({short(before)} → {short(value)})")
+    return changes
 
 
 class Checkpointer(Extension):
@@ -80,14 +114,10 @@ class Checkpointer(Extension):
         if found is None:
             return None
         path, arrays, meta = found
-        saved = meta.get("job", {})
-        if saved.get("model") != self.job.to_dict()["model"]:
-            raise UserError(f"{path}: saved from another model spec; --resume needs the same model "
-                            f"section as the checkpoint ({saved.get('model')})")
-        saved_optimizer = meta.get("optimizer", {}).get("name")
-        if saved_optimizer != self.job.optimizer.name:
-            raise UserError(f"optimizer.name: the checkpoint {path} was written by optimizer "
-                            f"{saved_optimizer!r}; --resume needs the same optimizer, got "
-                            f"{self.job.optimizer.name!r}")
+        changed = trajectory_changes(meta.get("job", {}), self.job)
+        if changed:
+            raise UserError(f"{path}: --resume would change the run's trajectory: {'; '.join(changed)} "
+                            f"(the run was started with the first value; start a new run with --out, "
+                            f"or resume with the run's own spec)")
         theta, optimizer_state = ckpt.unpack_state(self.layout, arrays, self.buffers, path)
         return Restored(path, theta, optimizer_state, RunState(meta["step"], meta["epoch"], meta["batch"]))

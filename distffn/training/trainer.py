@@ -15,12 +15,21 @@ from ..errors import UserError
 from ..optim import OPTIMIZERS, learning_rate
 from ..parallel import make_backend
 from ..parallel.backend import Totals
+from ..parallel.resources import check_memory, workers_on_this_node
 from . import checkpoint as ckpt
 from .checkpointer import Checkpointer, RunState
 from .evaluation import Evaluator
 from .extension import Extension
 from .metrics import DivergenceGuard, MetricsLog, TrainTotals
 from .progress import ProgressReport
+
+
+def check_run_dir(out_dir: str, resume: bool):
+    """A new run never mixes its files into an old one's folder (read only: every process may
+    check, before any engine starts)."""
+    if not resume and ckpt.list_checkpoints(os.path.join(out_dir, "checkpoints")):
+        raise UserError(f"{out_dir}: already holds a run's checkpoints; pass --resume to "
+                        f"continue it, or --out to start a new run elsewhere")
 
 
 class Trainer:
@@ -50,9 +59,6 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
     def _prepare_dir(self):
         os.makedirs(self.ckpt_dir, exist_ok=True)
-        if not self.resume and ckpt.list_checkpoints(self.ckpt_dir):
-            raise UserError(f"{self.out_dir}: already holds a run's checkpoints; pass --resume to "
-                            f"continue it, or --out to start a new run elsewhere")
         with open(os.path.join(self.out_dir, "job.yaml"), "w") as f:
             f.write(self.job.to_yaml())
 
@@ -72,14 +78,14 @@ class Trainer:
         ds, data, self.model = prepare_data(job)
         self.classifies = data.classifies
         self.n_train, self.n_test = int(ds.x_train.shape[0]), int(ds.x_test.shape[0])
+        self.data_source = ds.source
         self.steps_per_epoch = steps_per_epoch(self.n_train, job.training.batch_size, job.training.drop_last)
-        if self.steps_per_epoch == 0:
-            raise UserError(f"training.batch_size: {job.training.batch_size} is larger than the "
-                            f"{self.n_train} training samples and training.drop_last is true, so an "
-                            f"epoch has no batch")
         self.total_steps = self.steps_per_epoch * job.training.epochs
-        checkpointer = Checkpointer(job, self.ckpt_dir, self.model.layout,
-                                    OPTIMIZERS.get(job.optimizer.name).buffers)
+        buffers = OPTIMIZERS.get(job.optimizer.name).buffers
+        checkpointer = Checkpointer(job, self.ckpt_dir, self.model.layout, buffers)
+        # everything that needs no engine is checked before one starts
+        check_memory(job, self.model, len(buffers), workers_on_this_node(job))
+        check_run_dir(self.out_dir, self.resume)
         self.backend = backend = make_backend(job, data)
         self.is_root = backend.is_root
         try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
 
@@ -23,6 +24,7 @@ from helpers import (
     idx_bytes,
     mnist,
     raw_idx_bytes,
+    run_cli,
     user_error,
     write_bytes,
     write_job,
@@ -130,15 +132,15 @@ def test_count_mismatch(tmp_path, no_system_data):
 
 
 def test_missing_files_lists_folders_and_url(tmp_path, no_system_data, monkeypatch):
+    """Without data.path: every folder looked in, and where to get the files."""
     env = tmp_path / "env"
     monkeypatch.setenv("DISTFFN_DATA", str(env))
-    given = tmp_path / "given"
-    given.mkdir()
-    write_bytes(given / IMAGES, idx_bytes(np.zeros((1, 28, 28), np.uint8)), False)  # one of four
+    (env / "fashion-mnist").mkdir(parents=True)
+    write_bytes(env / "fashion-mnist" / IMAGES, idx_bytes(np.zeros((1, 28, 28), np.uint8)), False)
     with pytest.raises(UserError) as e:
-        load_dataset(DataConfig(dataset="fashion-mnist", path=str(given)), seed=0)
+        load_dataset(DataConfig(dataset="fashion-mnist"), seed=0)
     msg = str(e.value)
-    for folder in (given, env / "fashion-mnist", no_system_data / "fashion-mnist"):
+    for folder in (env / "fashion-mnist", no_system_data / "fashion-mnist"):
         assert str(folder) in msg
     assert f"missing {LABELS}" in msg
     assert URLS["fashion-mnist"] in msg and "apt-get install dataset-fashion-mnist" in msg
@@ -147,6 +149,35 @@ def test_missing_files_lists_folders_and_url(tmp_path, no_system_data, monkeypat
         load_dataset(DataConfig(dataset="mnist"), seed=0)
     assert URLS["mnist"] in str(e.value) and "apt-get" not in str(e.value)
     assert str(env / "mnist") in str(e.value)
+
+
+def test_a_given_data_path_is_never_replaced_by_another_copy(tmp_path, no_system_data, monkeypatch):
+    """data.path names the data: incomplete or missing is an error naming it, even when
+    $DISTFFN_DATA or the system folder holds a good copy."""
+    write_mnist(tmp_path / "env" / "fashion-mnist")
+    write_mnist(no_system_data / "fashion-mnist")
+    monkeypatch.setenv("DISTFFN_DATA", str(tmp_path / "env"))
+    assert len(load_dataset(DataConfig(dataset="fashion-mnist"), seed=0).x_train) == 5
+    given = tmp_path / "given"
+    given.mkdir()
+    write_bytes(given / IMAGES, idx_bytes(np.zeros((1, 28, 28), np.uint8)), False)  # one of four
+    for path, what in ((given, f"missing {LABELS}"), (tmp_path / "nowhere", "no such folder")):
+        with pytest.raises(UserError) as e:
+            load_dataset(DataConfig(dataset="fashion-mnist", path=str(path)), seed=0)
+        msg = str(e.value)
+        assert msg.startswith(f"data.path: {path} (") and what in msg and URLS["fashion-mnist"] in msg
+        assert str(tmp_path / "env") not in msg and str(no_system_data) not in msg
+
+
+def test_the_run_says_where_its_data_came_from(tmp_path, no_system_data, capsys):
+    write_mnist(tmp_path / "mine", n_train=60)
+    out = tmp_path / "run"
+    job = write_job(tmp_path, data={"dataset": "mnist", "path": str(tmp_path / "mine")},
+                    model={"layers": [784, 8, 10]}, training={"epochs": 1, "batch_size": 20})
+    assert run_cli(job, "--out", str(out)) == 0
+    assert f"data from {tmp_path / 'mine'}" in capsys.readouterr().out
+    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["data_source"] == str(tmp_path / "mine")
 
 
 def test_path_beats_env(tmp_path, no_system_data, monkeypatch):
