@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="never draw the progress bar")
 
     ev = sub.add_parser("eval", help="print the test loss and accuracy of a checkpoint",
-                        description="Evaluate CHECKPOINT.npz on its job's held-out test split.")
-    ev.add_argument("checkpoint", metavar="CHECKPOINT.npz")
+                        description="Evaluate CHECKPOINT.npz (or a run folder's newest valid checkpoint) "
+                                    "on its job's held-out test split.")
+    ev.add_argument("checkpoint", metavar="CHECKPOINT.npz|RUN_DIR")
     ev.add_argument("--job", metavar="JOB.yaml",
                     help="take the data section from this spec instead of the checkpoint's own "
                          "(its model section must match the checkpoint)")
@@ -92,7 +93,7 @@ def cmd_eval(args) -> int:
     r = evaluate_checkpoint(args.checkpoint, args.job, args.overrides)
     acc = "" if r["test_accuracy"] is None else \
         f"  test accuracy {100 * r['test_accuracy']:.2f}% ({r['test_correct']}/{r['test_count']})"
-    print(f"{args.checkpoint}: step {r['step']}  test loss {r['test_loss']:.4f}{acc}")
+    print(f"{r['checkpoint']}: step {r['step']}  test loss {r['test_loss']:.4f}{acc}")
     return 0
 
 

@@ -2,6 +2,7 @@
 without pickle and checked key by key."""
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 import zlib
@@ -12,6 +13,27 @@ from ..errors import UserError
 from .dataset import DATASETS, Dataset
 
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _check_header(archive, key: str, path: str) -> None:
+    """Read an entry's .npy header before its data: a shape the entry cannot hold (a header
+    claiming 10^13 floats in a small file) is refused before anything is allocated."""
+    try:
+        info = archive.zip.getinfo(key + ".npy")
+        with archive.zip.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f, max_header_size=10_000)
+            body = info.file_size - f.tell()
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(f"{path}: {key}: not a readable .npy entry ({e})") from None
+    if dtype.hasobject:
+        raise UserError(f"{path}: {key}: cannot be loaded without pickle (it holds Python objects); "
+                        f"save plain numeric arrays")
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed > body:
+        raise UserError(f"{path}: {key}: its header claims shape {shape} of {dtype} ({claimed:,} bytes), "
+                        f"but the entry holds {body:,} bytes")
 
 
 def _npz_arrays(path: str) -> dict:
@@ -33,6 +55,7 @@ def _npz_arrays(path: str) -> dict:
             if key not in archive.files:
                 raise UserError(f"{path}: missing key {key!r}; expected {', '.join(_NPZ_KEYS)} "
                                 f"(found: {', '.join(archive.files) or 'none'})")
+            _check_header(archive, key, path)
             try:
                 out[key] = archive[key]
             except ValueError as e:  # object arrays need pickle, which we refuse

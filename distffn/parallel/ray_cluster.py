@@ -76,7 +76,11 @@ class RayBackend(Backend):
         of its own (removed at the end), on loopback. With one, connect there and say so."""
         try:
             if address is None:
-                self.temp_dir = tempfile.mkdtemp(prefix="distffn-ray-")
+                # Ray's unix sockets live ~85 characters below this folder and may not exceed
+                # 107: a long $TMPDIR falls back to /tmp
+                base = tempfile.gettempdir()
+                self.temp_dir = tempfile.mkdtemp(prefix="distffn-ray-",
+                                                 dir=base if len(base) <= 20 or not os.path.isdir("/tmp") else "/tmp")
                 ray.init(address="local", _temp_dir=self.temp_dir, include_dashboard=False,
                          logging_level="warning", log_to_driver=True,
                          num_cpus=max(os.cpu_count() or 1, self.num_workers))

@@ -79,6 +79,11 @@ def load_checkpoint(path: str) -> tuple[dict, dict]:
     """Read a checkpoint; returns ``(arrays, meta)``. Any damage is a :class:`UserError`."""
     if not os.path.exists(path):
         raise UserError(f"{path}: no such checkpoint")
+    if not zipfile.is_zipfile(path):
+        if path.endswith(".npz"):
+            raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt: not a zip archive)")
+        raise UserError(f"{path}: not a checkpoint; expected RUN_DIR/checkpoints/step-XXXXXXXX.npz "
+                        f"or a run folder")
     try:
         # open the file ourselves: np.load leaks its handle when the zip is damaged
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:

@@ -2,6 +2,8 @@
 extension during training, and ``distffn eval`` for a saved checkpoint."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..data.prepare import prepare_data
@@ -10,7 +12,7 @@ from ..errors import UserError
 from ..jobspec import apply_overrides, from_dict, load_job
 from ..nn.model import MLP
 from ..parallel.backend import Totals
-from .checkpoint import load_checkpoint, unpack_state
+from .checkpoint import load_checkpoint, newest_valid_checkpoint, unpack_state
 from .extension import PRIORITY_EVALUATE, Extension
 from .triggers import AnyTrigger, end_of_training, steps_or_epoch
 
@@ -67,12 +69,21 @@ class Evaluator(Extension):
 
 
 def evaluate_checkpoint(path: str, job_path: str | None = None, overrides=None) -> dict:
-    """Exact test-split totals of the parameters in ``path``.
+    """Exact test-split totals of the parameters in ``path``: a checkpoint file, or a run
+    folder (its newest valid checkpoint).
 
     The job spec comes from the checkpoint unless ``job_path`` is given (to point at the data
     elsewhere, say); either way the checkpoint's parameters must fit the spec's model.
     """
-    arrays, meta = load_checkpoint(path)
+    if os.path.isdir(path):
+        folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+        found = newest_valid_checkpoint(folder)
+        if found is None:
+            raise UserError(f"{path}: a folder without a valid checkpoint; expected a run folder "
+                            f"(with checkpoints/step-*.npz) or a checkpoint file")
+        path, arrays, meta = found
+    else:
+        arrays, meta = load_checkpoint(path)
     if job_path:
         job = load_job(job_path, overrides)
     else:
@@ -84,6 +95,6 @@ def evaluate_checkpoint(path: str, job_path: str | None = None, overrides=None) 
     test = SplitEvaluator(job.model, data.x_test, data.t_test, data.labels_test,
                           job.training.eval_batch_size)(theta)
     classifies = data.classifies
-    return {"step": meta.get("step"), "test_loss": test.loss_sum / test.count, "test_count": test.count,
+    return {"checkpoint": path, "step": meta.get("step"), "test_loss": test.loss_sum / test.count, "test_count": test.count,
             "test_correct": test.correct if classifies else None,
             "test_accuracy": test.correct / test.count if classifies else None}

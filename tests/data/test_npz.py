@@ -1,6 +1,10 @@
 """The user's own .npz arrays, checked key by key."""
 from __future__ import annotations
 
+import io
+import time
+import zipfile
+
 import numpy as np
 import pytest
 
@@ -73,3 +77,23 @@ def test_npz_bad_files(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(UserError, match="empty.npz: not an .npz archive"):
         load_npz(str(empty))
+
+
+def test_a_header_that_claims_more_than_the_file_holds_is_refused(tmp_path):
+    """An .npy header promising 10^13 floats in a few bytes: refused from the header, before
+    anything is allocated."""
+    path = npz(tmp_path, x_train=np.zeros((4, 2), np.float32), y_train=np.zeros(4, np.int64),
+               x_test=np.zeros((4, 2), np.float32), y_test=np.zeros(4, np.int64))
+    with zipfile.ZipFile(path) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**13,)})
+    entries["x_train.npy"] = header.getvalue() + b"\0" * 32
+    with zipfile.ZipFile(path, "w") as z:
+        for name, blob in entries.items():
+            z.writestr(name, blob)
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=r"x_train: its header claims shape \(10000000000000,\) of float32 "
+                                        r"\(40,000,000,000,000 bytes\), but the entry holds 32 bytes"):
+        load_npz(path)
+    assert time.monotonic() - t0 < 1

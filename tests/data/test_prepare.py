@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from helpers import npz_job, user_error, write_job
 
@@ -17,3 +18,10 @@ def test_layers_that_do_not_fit_the_class_count(tmp_path, capsys):
 
 def test_labels_out_of_range(tmp_path, capsys):
     user_error(capsys, ["run", npz_job(tmp_path, y_test=np.full(10, 7))], "7..7", "2 output units")
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_a_batch_larger_than_the_training_split_is_refused(tmp_path, capsys, drop_last):
+    job = write_job(tmp_path, training={"batch_size": 5000, "drop_last": drop_last})
+    user_error(capsys, ["run", job, "--out", str(tmp_path / "run")], "training.batch_size: 5000",
+               "1,438 training samples")

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -102,3 +103,24 @@ def test_two_node_ray_cluster_on_loopback(tmp_path, ray_instance, reference, mod
     assert_same_model(reference, out)
     for leftover in ("raylet", "hydra_pmi_proxy"):
         assert subprocess.run(["pgrep", "-f", leftover], capture_output=True).returncode != 0, leftover
+
+
+def test_embedded_ray_ignores_a_stale_cluster_and_keeps_to_itself(tmp_path):
+    """Another Ray's address file (/tmp/ray/ray_current_cluster, here under RAY_TMPDIR) names a
+    cluster that is gone: a run without scaling.address starts its own Ray anyway, in a temp
+    folder of its own that is gone afterwards, and does not say it connected anywhere."""
+    stale = tmp_path / "tmp" / "ray"
+    stale.mkdir(parents=True)
+    (stale / "ray_current_cluster").write_text("127.0.0.1:1")
+    own = tempfile.mkdtemp(dir="/tmp")                  # short: Ray's socket paths hang below it
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "tmp"), TMPDIR=own)
+    env.pop("RAY_ADDRESS", None)
+    r = run_group([sys.executable, "-m", "distffn", "run", write_equiv_job(tmp_path), "--out", str(tmp_path / "run"),
+                   "--no-progress", "--set", "scaling.backend=ray", "--set", "scaling.num_workers=2"],
+                  timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "connecting to the Ray cluster" not in r.stderr
+    try:
+        assert os.listdir(own) == []                      # its own temp folder, removed at the end
+    finally:
+        shutil.rmtree(own, ignore_errors=True)

@@ -11,7 +11,7 @@ from distffn.jobspec import from_dict
 from distffn.training import Trainer, evaluate_checkpoint
 from distffn.training import checkpoint as ckpt
 
-from helpers import job_dict, run_cli, train_in_process, write_job
+from helpers import job_dict, run_cli, train_in_process, user_error, write_job
 
 
 def test_eval_reproduces_the_final_accuracy(tmp_path, capsys):
@@ -55,3 +55,24 @@ def test_default_is_one_evaluation_per_epoch(tmp_path):
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "eval"] == [3, 6]
     assert all(r["test_accuracy"] is not None for r in records if r["event"] == "epoch")
+
+
+def test_eval_of_a_run_folder_uses_its_newest_valid_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    run_cli(write_job(tmp_path), "--out", str(out))
+    steps = ckpt.list_checkpoints(str(out / "checkpoints"))
+    (last_step, last), (before_step, before) = steps[-1], steps[-2]
+    open(last, "wb").write(b"PK\x03\x04 damaged")             # the newest is damaged
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{before}: step {before_step} ") and last_step > before_step
+
+
+@pytest.mark.parametrize("name,needle", [("summary.json", "not a checkpoint"), ("job.yaml", "not a checkpoint")])
+def test_eval_names_what_it_was_given_when_that_is_no_checkpoint(tmp_path, capsys, name, needle):
+    out = tmp_path / "run"
+    run_cli(write_job(tmp_path), "--out", str(out))
+    capsys.readouterr()
+    user_error(capsys, ["eval", str(out / name)], str(out / name), needle)
+    user_error(capsys, ["eval", str(tmp_path)], str(tmp_path), "without a valid checkpoint")
