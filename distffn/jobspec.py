@@ -84,6 +84,7 @@ class ScalingConfig:
     address: Optional[str] = None       # an existing Ray cluster (else RAY_ADDRESS, else a local one)
     timeout_s: float = 300.0            # a step that takes longer names the missing workers
     oversubscribe: bool = False         # allow more than 4 workers per core on one node
+    interface: Optional[str] = None     # network interface for MPI between nodes (Ray allreduce on a cluster)
 
 
 @dataclass

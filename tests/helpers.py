@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -402,3 +403,68 @@ class StopAt(Extension):
 
     def __call__(self, trainer):
         trainer.stop(f"step {self.step} reached")
+
+
+def processes_in_sessions(sessions, within_s: float = 0.0) -> list[int]:
+    """Live pids whose session id is one of ``sessions`` (read from /proc; nothing is searched by
+    name), waiting up to ``within_s`` for them to be gone."""
+    deadline = time.monotonic() + within_s
+    while True:
+        found = _session_members(sessions)
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.2)
+
+
+def _session_members(sessions) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[3]) in sessions:   # state, and field 6: session id
+                found.append(int(entry))
+    return found
+
+
+def _session_of(pid: int):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[3])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def listeners_during(cmd, timeout, env=None, every_s=0.2):
+    """Run ``cmd`` in a session of its own and sample, while it runs, every TCP/UDP socket that
+    a process of that session listens on (``ss -ltunp``). Returns (CompletedProcess, {(address,
+    process name)})."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    seen = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while p.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            out = subprocess.run(["ss", "-ltunpH"], capture_output=True, text=True, check=True).stdout
+            for line in out.splitlines():
+                parts = line.split()
+                for name, pid in re.findall(r'\("([^"]+)",pid=(\d+)', line):
+                    if _session_of(int(pid)) == p.pid:
+                        seen.add((parts[4], name))
+            time.sleep(every_s)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err), seen
+
+
+def is_loopback(address: str) -> bool:
+    """``127.0.0.1:80``, ``[::1]:80``, ``[::ffff:127.0.0.1]:80``, ``127.0.0.53%lo:53``."""
+    host = address.rsplit(":", 1)[0].strip("[]").split("%")[0]
+    return host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")

@@ -2,6 +2,7 @@
 outside mpiexec runs the same command under ``mpiexec -n N``."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 from ..data.prepare import prepare_data
 from ..optim import OPTIMIZERS
 from ..xp import get_array_module
-from .mpi_env import find_mpiexec, under_mpi, world
+from .mpi_env import check_mpi4py, find_mpiexec, network_env, under_mpi, world
 from .resources import check_cores, check_memory
 
 
@@ -39,16 +40,17 @@ def maybe_relaunch_under_mpi(job, argv: list[str], checks=()) -> int | None:
         return None
     if job.scaling.backend != "mpi":
         return None
-    world()                                         # mpi4py missing: say so before launching
+    check_mpi4py()                                  # mpi4py missing: say so before launching
     get_array_module(job.scaling.use_gpu)           # use_gpu without CuPy or a GPU: likewise
     check_cores(job)
     _, _, model = prepare_data(job)                 # bad data: one message here, not N
     check_memory(job, model, len(OPTIMIZERS.get(job.optimizer.name).buffers), job.scaling.num_workers)
     for check in checks:                            # the caller's (the run folder)
         check()
-    cmd = [find_mpiexec(), "-n", str(job.scaling.num_workers),
+    # one node: the ranks talk through shared memory and nothing listens (module doc of mpi_env)
+    cmd = [find_mpiexec(single_node=True), "-n", str(job.scaling.num_workers),
            sys.executable, "-m", "distffn.cli", *argv]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=dict(os.environ, **network_env(None)))
     # a scheduler's SIGTERM to this launcher reaches mpiexec, which stops its ranks: none is
     # left running on its own
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: proc.send_signal(sig))

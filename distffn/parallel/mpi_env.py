@@ -1,7 +1,14 @@
 """The MPI runtime as distffn finds it: mpi4py, whether this process runs under mpiexec,
-and which mpiexec to start."""
+which mpiexec to start, and the network it may use.
+
+On one node distffn starts MPICH's ``mpiexec.gforker`` (it forks the ranks; hydra's control
+port binds 0.0.0.0 whatever ``-iface`` says) and restricts UCX to shared memory
+(``UCX_TLS=self,sm``): measured here, a 2-rank run then opens no TCP listener at all.
+Between nodes MPI needs a network, which the user names (``scaling.interface``).
+"""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -21,6 +28,24 @@ def launcher_rank():
     return next((os.environ[k] for k in _RANK_VARS if k in os.environ), None)
 
 
+SINGLE_NODE_ENV = {"UCX_TLS": "self,sm"}          # shared memory only: nothing listens
+
+
+def network_env(interface: str | None) -> dict:
+    """UCX settings for MPI traffic: shared memory only without an interface, else shared
+    memory within a node and TCP on ``interface`` between nodes. Settings the user exported
+    win (``UCX_TLS``, ``UCX_NET_DEVICES``)."""
+    wanted = dict(SINGLE_NODE_ENV) if interface is None else {"UCX_TLS": "self,sm,tcp",
+                                                             "UCX_NET_DEVICES": interface}
+    return {k: os.environ.get(k, v) for k, v in wanted.items()}
+
+
+def check_mpi4py():
+    """A clear error without mpi4py, without initialising MPI (which opens listeners)."""
+    if importlib.util.find_spec("mpi4py") is None:
+        raise UserError("scaling.backend: 'mpi' needs mpi4py; install it with pip install -e \".[mpi]\"")
+
+
 def world():
     """mpi4py's ``MPI`` module (initialises MPI), or a clear error without mpi4py."""
     try:
@@ -30,10 +55,16 @@ def world():
     return MPI
 
 
-def find_mpiexec() -> str:
-    """mpiexec beside this Python first (the `mpich` wheel installs it there), then on PATH."""
-    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    found = here if os.access(here, os.X_OK) else shutil.which("mpiexec")
+def find_mpiexec(single_node: bool = False) -> str:
+    """mpiexec beside this Python first (the `mpich` wheel installs it there), then on PATH;
+    for ``single_node`` runs MPICH's ``mpiexec.gforker`` where there is one."""
+    names = ("mpiexec.gforker", "mpiexec") if single_node else ("mpiexec",)
+    found = None
+    for name in names:
+        here = os.path.join(os.path.dirname(sys.executable), name)
+        found = here if os.access(here, os.X_OK) else shutil.which(name)
+        if found:
+            break
     if not found:
         raise UserError("scaling.backend: 'mpi' needs mpiexec; install the embedded MPI with "
                         "pip install -e \".[mpi]\" or put your cluster's mpiexec on PATH")

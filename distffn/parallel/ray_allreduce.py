@@ -24,8 +24,9 @@ from ..data.prepare import PreparedData
 from ..errors import UserError, WorkerFailed
 from ..xp import to_numpy
 from .mpi import MPIBackend
-from .mpi_env import find_mpiexec, world
+from .mpi_env import check_mpi4py, find_mpiexec, network_env, world
 from .ray_cluster import RayBackend
+from .resources import ray_address
 
 MAX_CHUNK = 256         # steps per call at most, when nobody pulls totals in between
 
@@ -100,13 +101,15 @@ class RayAllreduceBackend(RayBackend):
 
     def __init__(self, job, data):
         self.launcher = _mpi_launcher()         # before Ray starts: a missing MPI is a user error
+        self.mpi_env = _mpi_network(job)
         super().__init__(job, data)
 
     def _start(self):
         ray, n = self.ray, self.num_workers
         launcher = self.launcher
         Actor = ray.remote(_RankActor)
-        self.workers = [Actor.options(**self._actor_options(r, {"py_executable": launcher})).remote()
+        runtime_env = {"py_executable": launcher, "env_vars": self.mpi_env}
+        self.workers = [Actor.options(**self._actor_options(r, runtime_env)).remote()
                         for r in range(n)]
         try:
             port = self._get([self.workers[0].open_port.remote()], "start-up")[0]
@@ -181,16 +184,25 @@ class RayAllreduceBackend(RayBackend):
 
 
 def _mpi_launcher() -> str:
-    """The command that starts a worker's Python as a one-process MPI job (Ray's py_executable).
-
-    ``-launcher fork``: the process starts right here, on the node Ray chose, whatever hosts a
-    batch system lists. The paths are the driver's: cluster nodes share its environment's layout.
-    """
+    """The command that starts a worker's Python as a one-process MPI job (Ray's py_executable):
+    ``mpiexec.gforker -n 1``, which forks it right here, on the node Ray chose, and listens on
+    no port. The paths are the driver's: cluster nodes share its environment's layout."""
     try:
-        import mpi4py  # noqa: F401
-        mpiexec = find_mpiexec()
-    except (ImportError, UserError):
+        check_mpi4py()
+        mpiexec = find_mpiexec(single_node=True)
+    except UserError:
         raise UserError("scaling.aggregation: 'allreduce' on Ray moves the gradients with MPI and "
                         "needs mpi4py and mpiexec; install them with pip install -e \".[ray]\", "
                         "or use scaling.aggregation=central") from None
-    return f"{shlex.quote(mpiexec)} -launcher fork -n 1 {shlex.quote(sys.executable)}"
+    return f"{shlex.quote(mpiexec)} -n 1 {shlex.quote(sys.executable)}"
+
+
+def _mpi_network(job) -> dict:
+    """Where MPI may talk: shared memory only on an embedded Ray (one node); on a named
+    cluster over the interface the user names, never a guessed one."""
+    embedded = ray_address(job) is None
+    if not embedded and job.scaling.interface is None:
+        raise UserError("scaling.interface: 'allreduce' on a Ray cluster moves the gradients by MPI "
+                        "between the nodes; name the network interface it may use (e.g. eth0, or lo "
+                        "for a cluster on one machine), or use scaling.aggregation=central")
+    return network_env(None if embedded else job.scaling.interface)

@@ -15,7 +15,7 @@ import time
 from ..errors import UserError, WorkerFailed
 from ..xp import get_array_module
 from .backend import Backend
-from .resources import check_cores, note
+from .resources import check_cores, note, ray_address
 from .worker import FAULT_ENV
 
 
@@ -52,7 +52,7 @@ class RayBackend(Backend):
         self.job = job
         self.num_workers = job.scaling.num_workers
         self.timeout = job.scaling.timeout_s
-        address = job.scaling.address or os.environ.get("RAY_ADDRESS")
+        address = ray_address(job)
         self.temp_dir = None
         if address is None:                      # checks that need no engine, before one starts
             check_cores(job)
@@ -122,8 +122,10 @@ class RayBackend(Backend):
     def _actor_options(self, rank: int, runtime_env: dict | None = None) -> dict:
         """Worker ``rank`` in bundle ``rank`` of the placement group."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-        env = {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}
-        runtime_env = dict(runtime_env or {}, **({"env_vars": env} if env else {}))
+        runtime_env = dict(runtime_env or {})
+        env = dict(runtime_env.get("env_vars", {}), **{k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ})
+        if env:
+            runtime_env["env_vars"] = env
         return dict(num_cpus=self.cpus, num_gpus=1 if self.job.scaling.use_gpu else 0,
                     runtime_env=runtime_env or None,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank))

@@ -73,8 +73,11 @@ def workers_on_this_node(job) -> int:
         return s.num_workers
     if s.backend == "mpi":
         return 1 if under_mpi() else s.num_workers
-    return 1 if (s.address or os.environ.get("RAY_ADDRESS")) else s.num_workers
+    return 1 if ray_address(job) else s.num_workers
 
 
-def embedded_ray(job) -> bool:
-    return job.scaling.backend == "ray" and not (job.scaling.address or os.environ.get("RAY_ADDRESS"))
+def ray_address(job):
+    """The Ray cluster the user named (``scaling.address``, else ``$RAY_ADDRESS``), or None
+    for a Ray of the run's own ("local" means that too)."""
+    address = job.scaling.address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == "local" else address

@@ -6,7 +6,17 @@ import sys
 
 import pytest
 
-from helpers import ADAM, MPIEXEC, assert_same_model, needs_mpi, run_group, run_mpi
+from helpers import (
+    ADAM,
+    MPIEXEC,
+    assert_same_model,
+    is_loopback,
+    listeners_during,
+    needs_mpi,
+    run_group,
+    run_mpi,
+    write_equiv_job,
+)
 
 
 @needs_mpi
@@ -58,3 +68,15 @@ def test_mpi_resume_of_a_finished_run_keeps_every_rank_in_step(tmp_path):
                       timeout=120)
     assert again.returncode == 0, again.stderr
     assert "nothing to do" in again.stdout
+
+
+@needs_mpi
+def test_an_mpi_run_on_one_node_listens_on_loopback_only(tmp_path):
+    """distffn's own mpiexec (MPICH's gforker, UCX on shared memory) and its ranks: every socket
+    any of them listens on during a whole N=2 run is on loopback (measured: none at all)."""
+    job = write_equiv_job(tmp_path, training={"epochs": 40})
+    r, seen = listeners_during([sys.executable, "-m", "distffn", "run", job, "--out", str(tmp_path / "run"),
+                                "--no-progress", "--set", "scaling.backend=mpi", "--set", "scaling.num_workers=2"],
+                               timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert all(is_loopback(addr) for addr, _ in seen), seen

@@ -6,7 +6,15 @@ import sys
 
 import pytest
 
-from helpers import assert_cpus_released, run_ray_cli, user_error, write_job
+from helpers import (
+    assert_cpus_released,
+    is_loopback,
+    listeners_during,
+    run_ray_cli,
+    user_error,
+    write_equiv_job,
+    write_job,
+)
 
 
 def test_ray_allreduce_without_mpi4py_is_a_clear_error(tmp_path, capsys, monkeypatch):
@@ -25,3 +33,20 @@ def test_ray_allreduce_worker_that_cannot_start_is_named(ray_instance, tmp_path,
     code, err, _ = run_ray_cli(tmp_path, capsys, "allreduce", timeout_s=3)
     assert code == 1 and "worker 0 did not finish start-up" in err and "/nonexistent/mpiexec" in err, err
     assert_cpus_released(ray_instance)
+
+
+def test_embedded_ray_allreduce_listens_on_loopback_only(tmp_path):
+    """Ray's own processes, its worker actors and the MPI inside them: every listening socket
+    of the whole run is on loopback."""
+    job = write_equiv_job(tmp_path, training={"epochs": 20})
+    r, seen = listeners_during([sys.executable, "-m", "distffn", "run", job, "--out", str(tmp_path / "run"),
+                                "--no-progress", "--set", "scaling.backend=ray", "--set", "scaling.num_workers=2",
+                                "--set", "scaling.aggregation=allreduce"], timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert seen and all(is_loopback(addr) for addr, _ in seen), seen
+
+
+def test_allreduce_on_a_named_cluster_needs_an_interface(tmp_path, capsys):
+    job = write_equiv_job(tmp_path)
+    user_error(capsys, ["run", job, "--set", "scaling.backend=ray", "--set", "scaling.aggregation=allreduce",
+                        "--set", "scaling.address=127.0.0.1:1"], "scaling.interface", "scaling.aggregation=central")

@@ -19,6 +19,7 @@ from helpers import (
     assert_cpus_released,
     assert_same_model,
     job_dict,
+    processes_in_sessions,
     run_group,
     run_ray_cli,
     train_in_process,
@@ -81,14 +82,31 @@ def test_ray_job_larger_than_the_cluster_is_a_clear_error(ray_instance, tmp_path
     assert_cpus_released(ray_instance)
 
 
+def test_a_busy_cluster_says_what_the_job_waits_for(ray_instance, tmp_path, capsys):
+    """Resources the cluster has but others hold: a line every few seconds names what is
+    awaited, and the wait ends at scaling.timeout_s with exit 2."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    hog = placement_group([{"CPU": 3}])
+    ray_instance.get(hog.ready(), timeout=30)
+    try:
+        code, err, seconds = run_ray_cli(tmp_path, capsys, "central", timeout_s=6)
+    finally:
+        remove_placement_group(hog)
+    assert code == 2, err
+    assert err.count("distffn: waiting for the Ray cluster to place 2 workers with {'CPU': 2} each") >= 1
+    assert "did not place 2 workers" in err and "within scaling.timeout_s=6 s" in err
+    assert 6 <= seconds < 30
+    assert_cpus_released(ray_instance)
+
+
 @pytest.mark.parametrize("mode", ["central", "allreduce"])
 def test_two_node_ray_cluster_on_loopback(tmp_path, ray_instance, reference, mode):
     """`ray start --head` plus a second `ray start --address` in a private network namespace
     (loopback only): the job's workers (placement group, SPREAD) land on both nodes, train to
     the 1-worker model (allreduce: over MPI between the nodes), and everything is torn down
     afterwards."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "--net", "true"]).returncode:
-        pytest.skip("needs `unshare --net` (root) for a loopback-only network namespace")
+    assert shutil.which("unshare") and subprocess.run(["unshare", "--net", "true"]).returncode == 0, \
+        "needs `unshare --net` (util-linux, root) for a loopback-only network namespace"
     ray_instance.shutdown()                          # free the cores; this test runs its own
     script = os.path.join(os.path.dirname(__file__), "..", "..", "cluster", "local-two-node.sh")
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
@@ -101,8 +119,9 @@ def test_two_node_ray_cluster_on_loopback(tmp_path, ray_instance, reference, mod
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert start["num_workers"] == 2 and len(set(start["placement"])) == 2
     assert_same_model(reference, out)
-    for leftover in ("raylet", "hydra_pmi_proxy"):
-        assert subprocess.run(["pgrep", "-f", leftover], capture_output=True).returncode != 0, leftover
+    # torn down: no process is left in the sessions the script started (by session id, not by name)
+    sessions = {int(x) for x in r.stdout.split("node sessions:")[1].splitlines()[0].split()}
+    assert len(sessions) == 2 and not processes_in_sessions(sessions, within_s=10)
 
 
 def test_embedded_ray_ignores_a_stale_cluster_and_keeps_to_itself(tmp_path):
