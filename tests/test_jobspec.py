@@ -112,3 +112,9 @@ def test_new_keys_have_defaults_so_old_specs_run_unchanged():
     assert job.optimizer.name == "momentum" and job.optimizer.weight_decay == 0.0
     assert job.optimizer.betas == [0.9, 0.999] and job.optimizer.eps == 1e-8
     assert job.training.eval_every == 0
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../up", "x\\y"])
+def test_name_is_one_folder_name(tmp_path, capsys, name):
+    user_error(capsys, ["run", write_job(tmp_path), "--set", f"name={name}"], "name: expected one folder name")
+    assert not (tmp_path / "up").exists()

@@ -35,13 +35,14 @@ def test_ray_allreduce_worker_that_cannot_start_is_named(ray_instance, tmp_path,
     assert_cpus_released(ray_instance)
 
 
-def test_embedded_ray_allreduce_listens_on_loopback_only(tmp_path):
+@pytest.mark.parametrize("address", [[], ["--set", "scaling.address=local"]])
+def test_embedded_ray_allreduce_listens_on_loopback_only(tmp_path, address):
     """Ray's own processes, its worker actors and the MPI inside them: every listening socket
-    of the whole run is on loopback."""
+    of the whole run is on loopback (``scaling.address: local`` means the same Ray)."""
     job = write_equiv_job(tmp_path, training={"epochs": 20})
     r, seen = listeners_during([sys.executable, "-m", "distffn", "run", job, "--out", str(tmp_path / "run"),
                                 "--no-progress", "--set", "scaling.backend=ray", "--set", "scaling.num_workers=2",
-                                "--set", "scaling.aggregation=allreduce"], timeout=180)
+                                "--set", "scaling.aggregation=allreduce", *address], timeout=180)
     assert r.returncode == 0, r.stderr
     assert seen and all(is_loopback(addr) for addr, _ in seen), seen
 
