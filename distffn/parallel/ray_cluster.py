@@ -90,8 +90,10 @@ class RayBackend(Backend):
         except (ConnectionError, RuntimeError, ValueError) as e:
             if self.temp_dir is not None:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
-            raise UserError(f"scaling.address: cannot connect to the Ray cluster at {address}: "
-                            f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}") from None
+            why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            hint = "" if address is None else (" (is it up and reachable from here, and is RAY_AUTH_TOKEN "
+                                               "set to its token when it requires one?)")
+            raise UserError(f"scaling.address: cannot connect to the Ray cluster at {address}: {why}{hint}") from None
 
     def _place(self):
         ray, job, n = self.ray, self.job, self.num_workers
@@ -102,7 +104,8 @@ class RayBackend(Backend):
         bundle = {"CPU": self.cpus, **({"GPU": 1} if job.scaling.use_gpu else {})}
         missing = {k: v * n - total.get(k, 0) for k, v in bundle.items() if v * n > total.get(k, 0)}
         if missing:                     # more than the whole cluster has: waiting cannot help
-            raise UserError(f"scaling.num_workers: the Ray cluster cannot place {n} workers with "
+            field = "scaling.use_gpu" if "GPU" in missing else "scaling.num_workers"
+            raise UserError(f"{field}: the Ray cluster cannot place {n} worker{'s' if n != 1 else ''} with "
                             f"{bundle} each: it lacks " + ", ".join(f"{v:g} {k}" for k, v in missing.items())
                             + f" (cluster resources: {_fmt(total)})")
         # SPREAD: on a cluster, workers land on different nodes where they can

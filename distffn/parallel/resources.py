@@ -41,7 +41,8 @@ def check_memory(job, model, num_buffers: int, workers_here: int, free: int | No
     if free is not None and need > free:
         raise UserError(f"model.layers: {model.sizes} needs about {need / 2**30:,.1f} GiB "
                         f"({model.num_params:,} parameters, their gradient and optimizer state, and "
-                        f"one batch's activations, × {workers_here} worker(s) on this node); "
+                        f"one batch's activations, × {workers_here} worker{'s' if workers_here != 1 else ''} "
+                        f"on this node); "
                         f"{free / 2**30:,.1f} GiB is available")
 
 

@@ -33,7 +33,7 @@ def test_the_estimate_counts_parameters_optimizer_state_and_activations():
     model = MLP(job.model)
     assert worker_bytes(job, model, 2) == 4 * (814_090 * 5 + 4 * 1034 * (128 + 4096))
     check_memory(job, model, 1, 2, free=10 * worker_bytes(job, model, 1))
-    with pytest.raises(UserError, match=r"× 3 worker\(s\) on this node"):
+    with pytest.raises(UserError, match=r"× 3 workers on this node"):
         check_memory(job, model, 1, 3, free=2 * worker_bytes(job, model, 1))
 
 
