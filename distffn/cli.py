@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
+import traceback
 
 from . import __version__
-from .errors import UserError, WorkerFailed
+from .errors import Interrupted, RunFailed, UserError
 from .parallel.mpi_env import launcher_rank, under_mpi, world
 
 EPILOG = """\
@@ -67,17 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from .jobspec import load_job
-    from .parallel.launch import maybe_relaunch_under_mpi
-    from .training import Trainer
-    from .training.trainer import check_run_dir
+    from .training.run_lock import HELD_ENV, RunLock
 
     job = load_job(args.job, args.overrides)
     out = args.out or os.path.join("runs", job.name)
-    relaunched = maybe_relaunch_under_mpi(job, args.argv, checks=[lambda: check_run_dir(out, args.resume)])
+    # one run per folder: this process holds the lock, unless distffn's own launcher does
+    lock = None
+    if os.environ.get(HELD_ENV) != os.path.abspath(out) and launcher_rank() in (None, "0"):
+        lock = RunLock(out).acquire()
+    try:
+        return _run(job, out, args, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(job, out, args, lock) -> int:
+    from .parallel.launch import maybe_relaunch_under_mpi
+    from .training import Trainer
+    from .training.run_lock import HELD_ENV
+    from .training.trainer import check_run_dir
+
+    relaunched = maybe_relaunch_under_mpi(job, args.argv, checks=[lambda: check_run_dir(out, args.resume)],
+                                          env={HELD_ENV: os.path.abspath(out)} if lock else {})
     if relaunched is not None:
         return relaunched
     progress = False if args.no_progress else (sys.stdout.isatty() and sys.stderr.isatty())
-    trainer = Trainer(job, out, resume=args.resume, progress=progress)
+    trainer = Trainer(job, out, resume=args.resume, progress=progress,
+                      resume_command=shlex.join(["distffn", "run", args.job, "--out", out,
+                                                 *(x for o in args.overrides for x in ("--set", o)), "--resume"]))
     summary = trainer.run()
     if trainer.is_root:
         acc = summary.get("test_accuracy")
@@ -132,18 +152,25 @@ def main(argv=None) -> int:
         print(f"distffn: error: {_rank_prefix()}{e}", file=sys.stderr)
         _abort_mpi_world(2)
         return 2
+    except Interrupted as e:                     # SIGTERM/SIGINT after a checkpoint
+        print(f"distffn: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("distffn: interrupted; continue with `distffn run JOB.yaml --resume`", file=sys.stderr)
         return 130
-    except WorkerFailed as e:                    # a worker's failure: name it, end the job fast
+    except RunFailed as e:                       # a worker or the storage failed: name it, end fast
         print(f"distffn: error: {_rank_prefix()}{e}", file=sys.stderr)
         _abort_mpi_world(1)
         return 1
     except Exception as e:
-        if not _rank_prefix():
+        if not under_mpi():
             raise                                # a bug: keep the traceback
-        # on rank > 0 an unexpected error would leave rank 0 blocked: report it and end all ranks
-        print(f"distffn: error: {_rank_prefix()}{type(e).__name__}: {e}", file=sys.stderr)
+        # under MPI an unexpected error on any rank would leave the others blocked in a
+        # collective: report it (rank 0 with its traceback) and end every rank at once
+        if _rank_prefix():
+            print(f"distffn: error: {_rank_prefix()}{type(e).__name__}: {e}", file=sys.stderr)
+        else:
+            traceback.print_exc()
         _abort_mpi_world(1)
         return 1
 

@@ -7,6 +7,7 @@ state back. Evaluation, checkpoints and restoring state are written once, in
 """
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -72,6 +73,10 @@ class Backend:
     def placement(self) -> list[str]:
         """Where each worker runs (host or node id), for the run's records."""
         return [socket.gethostname()] * self.num_workers
+
+    def worker_processes(self) -> list[dict]:
+        """``{"rank", "host", "pid"}`` of each live worker (RUN_DIR/workers.json)."""
+        return [{"rank": r, "host": socket.gethostname(), "pid": os.getpid()} for r in range(self.num_workers)]
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every trainer process (only MPI has more than one)."""

@@ -29,9 +29,10 @@ def adopt_mpi_world(job, echo=print):
         job.scaling.num_workers = size
 
 
-def maybe_relaunch_under_mpi(job, argv: list[str], checks=()) -> int | None:
+def maybe_relaunch_under_mpi(job, argv: list[str], checks=(), env=None) -> int | None:
     """For ``scaling.backend: mpi`` outside mpiexec, run this same command under mpiexec,
-    after every check that needs no MPI (the data, memory, cores, GPU, and ``checks``).
+    after every check that needs no MPI (the data, memory, cores, GPU, and ``checks``), with
+    ``env`` added to the ranks' environment.
 
     Returns the exit code of ``mpiexec -n N``, or None when this process should train.
     """
@@ -50,7 +51,7 @@ def maybe_relaunch_under_mpi(job, argv: list[str], checks=()) -> int | None:
     # one node: the ranks talk through shared memory and nothing listens (module doc of mpi_env)
     cmd = [find_mpiexec(single_node=True), "-n", str(job.scaling.num_workers),
            sys.executable, "-m", "distffn.cli", *argv]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, **network_env(None)))
+    proc = subprocess.Popen(cmd, env=dict(os.environ, **network_env(None), **(env or {})))
     # a scheduler's SIGTERM to this launcher reaches mpiexec, which stops its ranks: none is
     # left running on its own
     previous = signal.signal(signal.SIGTERM, lambda sig, frame: proc.send_signal(sig))

@@ -12,6 +12,7 @@ arrive in time (stalled, dead, or out of step) is named and the job aborted.
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import numpy as np
@@ -76,6 +77,11 @@ class MPIBackend(Backend):
     def placement(self) -> list[str]:
         self._handshake("start-up")
         return self.comm.allgather(self.MPI.Get_processor_name())
+
+    def worker_processes(self) -> list[dict]:
+        self._handshake("start-up")
+        hosts = self.comm.allgather((socket.gethostname(), os.getpid()))
+        return [{"rank": r, "host": h, "pid": pid} for r, (h, pid) in enumerate(hosts)]
 
     # ---------------------------------------------------------------- state
     def broadcast(self, obj):

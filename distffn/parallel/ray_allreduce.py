@@ -25,7 +25,7 @@ from ..errors import UserError, WorkerFailed
 from ..xp import to_numpy
 from .mpi import MPIBackend
 from .mpi_env import check_mpi4py, find_mpiexec, network_env, world
-from .ray_cluster import RayBackend
+from .ray_cluster import RayBackend, actor_process
 from .resources import ray_address
 
 MAX_CHUNK = 256         # steps per call at most, when nobody pulls totals in between
@@ -39,6 +39,9 @@ class _RankActor:
         self.comm = self.MPI.COMM_SELF
         self.port = None
         self.backend = None
+
+    def process(self) -> dict:
+        return actor_process()
 
     def where(self) -> str:
         import ray

@@ -11,7 +11,7 @@ from ..errors import WorkerFailed
 from ..xp import get_array_module, limit_blas_threads, to_numpy
 from .aggregator import Aggregator
 from .backend import StepTimes, Totals
-from .ray_cluster import RayBackend
+from .ray_cluster import RayBackend, actor_process
 from .worker import Worker
 
 
@@ -23,6 +23,9 @@ class _WorkerActor:
         self.xp = get_array_module(job.scaling.use_gpu)
         self.worker = Worker(job, x, t, labels, rank, num_workers, self.xp)
         self.compute_times: list[float] = []
+
+    def process(self) -> dict:
+        return actor_process()
 
     def where(self) -> str:
         """The Ray node this worker runs on (its node id)."""

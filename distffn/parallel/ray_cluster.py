@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import time
 
@@ -17,6 +18,12 @@ from ..xp import get_array_module
 from .backend import Backend
 from .resources import check_cores, note, ray_address
 from .worker import FAULT_ENV
+
+
+def actor_process() -> dict:
+    """Where the calling actor runs: host, pid and Ray node id."""
+    import ray
+    return {"host": socket.gethostname(), "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
 
 
 def _fmt(resources: dict) -> str:
@@ -172,6 +179,10 @@ class RayBackend(Backend):
 
     def placement(self) -> list[str]:
         return self._get([w.where.remote() for w in self.workers], "start-up")
+
+    def worker_processes(self) -> list[dict]:
+        found = self._get([w.process.remote() for w in self.workers], "start-up")
+        return [dict(rank=r, **p) for r, p in enumerate(found)]
 
     def close(self):
         ray = self.ray

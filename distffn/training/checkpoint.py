@@ -144,19 +144,29 @@ def list_checkpoints(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def newest_valid_checkpoint(folder: str) -> Optional[tuple[str, dict, dict]]:
+def newest_valid_checkpoint(folder: str, warn=None) -> Optional[tuple[str, dict, dict]]:
     """The newest checkpoint that loads and verifies: ``(path, arrays, meta)`` or None.
 
     Damaged files (a crash mid-copy, a full disk) are skipped, not fatal, so ``--resume``
-    falls back to the previous good one.
+    falls back to the previous good one; ``warn(line)`` is told about each one skipped.
     """
     for _, path in reversed(list_checkpoints(folder)):
         try:
             arrays, meta = load_checkpoint(path)
-        except UserError:
+        except UserError as e:
+            if warn is not None:
+                warn(f"skipping a damaged checkpoint: {e}")
             continue
         return path, arrays, meta
     return None
+
+
+def remove_leftovers(folder: str) -> list[str]:
+    """Delete the temporary files of checkpoint writes that never finished (a kill mid-write)."""
+    doomed = glob.glob(os.path.join(folder, ".tmp-*.npz"))
+    for p in doomed:
+        os.unlink(p)
+    return doomed
 
 
 def prune_checkpoints(folder: str, num_to_keep: int) -> list[str]:

@@ -9,8 +9,9 @@ from typing import Optional
 import numpy as np
 
 from ..bounded_yaml import short
-from ..errors import UserError
+from ..errors import StorageFailed, UserError
 from ..jobspec import from_dict
+from ..parallel.resources import note
 from . import checkpoint as ckpt
 from .extension import PRIORITY_WRITE, Extension
 from .triggers import AnyTrigger, IntervalTrigger, end_of_training, every_epoch
@@ -82,8 +83,13 @@ class Checkpointer(Extension):
         self.job, self.folder, self.layout = job, folder, layout
         self.buffers = tuple(optimizer_buffers)
         self.num_to_keep = job.checkpoint.num_to_keep
+        self.last_saved = None
 
     def initialize(self, trainer):
+        if trainer.is_root:
+            removed = ckpt.remove_leftovers(self.folder)
+            if removed:
+                note(f"removed {len(removed)} temporary checkpoint file(s) an interrupted write left behind")
         if trainer.resumed_from is None:
             self(trainer)
 
@@ -93,6 +99,9 @@ class Checkpointer(Extension):
         theta, optimizer_state = trainer.backend.state()
         self.save(trainer.state, theta, optimizer_state)
 
+    def finalize(self, trainer):
+        if trainer.is_root and self.last_saved != trainer.state.step and trainer.steps_run:
+            self(trainer)                   # a stop that came between two triggers
     def save(self, state: RunState, theta, optimizer_state) -> str:
         if not (np.isfinite(theta).all() and all(np.isfinite(b).all() for b in optimizer_state.values())):
             raise TrainingDiverged(f"training diverged by step {state.step}: parameters are NaN or "
@@ -104,15 +113,27 @@ class Checkpointer(Extension):
                 "rng": {"generator": "numpy PCG64", "seed": seed, "epoch_seed": [seed, state.epoch],
                         "position": state.batch}}
         path = os.path.join(self.folder, ckpt.checkpoint_name(state.step))
-        ckpt.save_checkpoint(path, ckpt.pack_state(self.layout, theta, optimizer_state), meta)
-        ckpt.prune_checkpoints(self.folder, self.num_to_keep)
+        try:
+            ckpt.save_checkpoint(path, ckpt.pack_state(self.layout, theta, optimizer_state), meta)
+            ckpt.prune_checkpoints(self.folder, self.num_to_keep)
+        except OSError as e:
+            raise StorageFailed(f"cannot write the checkpoint {path}: {e.strerror or e}; the older "
+                                f"checkpoints in {self.folder} are intact") from None
+        self.last_saved = state.step
         return path
 
     def restore(self) -> Optional[Restored]:
         """The newest checkpoint that verifies and fits this job, or None if there is none."""
-        found = ckpt.newest_valid_checkpoint(self.folder)
+        skipped: list[str] = []
+        found = ckpt.newest_valid_checkpoint(self.folder, warn=skipped.append)
         if found is None:
+            if skipped:                 # never start over silently where a run was
+                raise UserError(f"{self.folder}: none of its {len(skipped)} checkpoints is readable (the "
+                                f"newest: {skipped[0].split(': ', 1)[1]}), so --resume cannot continue the "
+                                f"run; start a new one with --out")
             return None
+        for line in skipped:
+            note(f"warning: {line}")
         path, arrays, meta = found
         changed = trajectory_changes(meta.get("job", {}), self.job)
         if changed:

@@ -7,10 +7,24 @@ import math
 import os
 import time
 
+from ..errors import StorageFailed
 from ..parallel.backend import StepTimes, Totals
 from .checkpointer import TrainingDiverged
 from .extension import PRIORITY_CHECK, PRIORITY_OBSERVE, PRIORITY_REPORT, Extension
 from .triggers import AnyTrigger, IntervalTrigger, every_epoch
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as JSON at ``path``, atomically (a temp file renamed over it)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise StorageFailed(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def rate(totals: Totals, what: str):
@@ -78,14 +92,20 @@ class MetricsLog(Extension):
 
     def _write(self, trainer, record: dict):
         if trainer.is_root:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise StorageFailed(f"cannot write {self.path}: {e.strerror or e}") from None
 
     def initialize(self, trainer):
         job, backend, state = trainer.job, trainer.backend, trainer.state
         placement = backend.placement()
+        workers = backend.worker_processes()
         if not trainer.is_root:
             return
+        # where each live worker runs: users (and the failure tests) find a worker here
+        write_json(os.path.join(os.path.dirname(self.path), "workers.json"), workers)
         self._write(trainer, {
             "event": "start", "num_params": trainer.model.num_params, "num_workers": backend.num_workers,
             "backend": job.scaling.backend, "n_train": trainer.n_train, "n_test": trainer.n_test,
@@ -158,8 +178,7 @@ class MetricsLog(Extension):
             **self.run_times.as_dict(), "ms_per_step": self.run_times.per_step_ms()}
         trainer.summary = summary
         if trainer.is_root:
-            with open(self.summary_path, "w") as f:
-                json.dump(summary, f, indent=2)
+            write_json(self.summary_path, summary)
 
     @staticmethod
     def _epoch_line(r: dict, epochs: int) -> str:

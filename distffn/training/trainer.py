@@ -4,6 +4,8 @@ fired by its trigger (:mod:`.extension`)."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from typing import Callable, Optional
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from ..data.prepare import prepare_data
 from ..data.sharding import batch_bounds, steps_per_epoch
-from ..errors import UserError
+from ..errors import Interrupted, StorageFailed, UserError
 from ..optim import OPTIMIZERS, learning_rate
 from ..parallel import make_backend
 from ..parallel.backend import Totals
@@ -44,8 +46,9 @@ class Trainer:
 
     def __init__(self, job, out_dir: str, resume: bool = False,
                  echo: Callable[[str], None] = print, progress: Optional[bool] = None,
-                 extensions: Optional[list[Extension]] = None):
+                 extensions: Optional[list[Extension]] = None, resume_command: Optional[str] = None):
         self.job, self.out_dir, self.resume = job, out_dir, resume
+        self.resume_command = resume_command or f"distffn run JOB.yaml --out {out_dir} --resume"
         self.echo, self.progress = echo, progress
         self.ckpt_dir = os.path.join(out_dir, "checkpoints")
         self.user_extensions = list(extensions or [])
@@ -58,9 +61,13 @@ class Trainer:
 
     # ---------------------------------------------------------------- set-up
     def _prepare_dir(self):
-        os.makedirs(self.ckpt_dir, exist_ok=True)
-        with open(os.path.join(self.out_dir, "job.yaml"), "w") as f:
-            f.write(self.job.to_yaml())
+        path = os.path.join(self.out_dir, "job.yaml")
+        try:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(self.job.to_yaml())
+        except OSError as e:
+            raise StorageFailed(f"cannot write the run folder {self.out_dir}: {e.strerror or e}") from None
 
     def _extensions(self, data, checkpointer: Checkpointer) -> list[Extension]:
         every = self.log_every
@@ -105,11 +112,35 @@ class Trainer:
             backend.start(theta, optimizer_state, self.state.step)
             self.extensions = self._extensions(data, checkpointer)
             # overflow is caught explicitly (TrainingDiverged), not by NumPy warnings on stderr
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                self._loop()
+            previous = self._catch_signals()
+            try:
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    self._loop()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+            if self._signal is not None:
+                raise Interrupted(f"stopped by {signal.Signals(self._signal).name} after step {self.state.step}, "
+                                  f"which is checkpointed in {self.ckpt_dir}; continue with: "
+                                  f"{self.resume_command}", self._signal)
             return self.summary
         finally:
             backend.close()
+
+    # ---------------------------------------------------------------- signals
+    def _catch_signals(self) -> dict:
+        """SIGTERM (a scheduler's preemption, ``scancel``, ``ray job stop``) and SIGINT end the
+        run after the current step, checkpointed. A second one acts at once. MPI ranks keep
+        the default: stopping at different steps would break their collectives."""
+        self._signal = None
+        if threading.current_thread() is not threading.main_thread() or self.backend.process_count > 1:
+            return {}
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal(self, signum, frame):
+        self._signal = signum
+        self.stop(f"{signal.Signals(signum).name} received")
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
 
     # ---------------------------------------------------------------- loop
     def _loop(self):

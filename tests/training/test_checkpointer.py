@@ -1,11 +1,18 @@
 """Saving and restoring runs: pruning, resume refusals, older formats."""
 from __future__ import annotations
 
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+
 from distffn.jobspec import from_dict
 from distffn.training import Trainer
 from distffn.training import checkpoint as ckpt
 
-from helpers import StopAt, job_dict, run_cli, user_error, write_job
+from helpers import StopAt, job_dict, run_cli, run_group, user_error, write_equiv_job, write_job
 
 
 def test_num_to_keep_prunes_but_keeps_step_zero(tmp_path):
@@ -73,3 +80,90 @@ def test_more_epochs_of_a_cosine_schedule_is_a_new_trajectory(tmp_path, capsys):
     capsys.readouterr()
     user_error(capsys, ["run", job, "--out", out, "--resume", "--set", "training.epochs=2"],
                "training.epochs (1 → 2)")
+
+
+BACKENDS = {"local": [], "mpi": ["--set", "scaling.backend=mpi", "--set", "scaling.num_workers=2"],
+            "ray": ["--set", "scaling.backend=ray", "--set", "scaling.num_workers=2"]}
+
+
+def run_on_tmpfs(tmp_path, size, args, ro=False, timeout=120):
+    """`distffn run` whose run folder is a tmpfs of ``size`` (read-only with ``ro``), mounted in a
+    private mount namespace (``unshare --mount``, root) that disappears with the run."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    opts = f"size={size}" + (",ro" if ro else "")
+    script = (f'mount -t tmpfs -o {opts} tmpfs "{mnt}" && exec "$@"')
+    cmd = ["unshare", "--mount", "sh", "-c", script, "sh", sys.executable, "-m", "distffn", "run", *args,
+           "--out", str(mnt / "run"), "--no-progress"]
+    t0 = time.monotonic()
+    r = run_group(cmd, timeout)
+    return r, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_full_disk_ends_the_run_naming_the_path(tmp_path, backend):
+    """Checkpoints every step into a 192 KiB tmpfs: the write that no longer fits ends the run
+    with exit 1 and one line naming the file (no traceback, no wait for a timeout)."""
+    job = write_equiv_job(tmp_path, training={"epochs": 400}, checkpoint={"every_steps": 1, "num_to_keep": 10_000})
+    r, seconds = run_on_tmpfs(tmp_path, "192k", [job, *BACKENDS[backend]])
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("distffn: error")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in r.stderr, r.stderr
+    assert "/mnt/run/" in errors[0]
+    assert seconds < 60
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_read_only_run_folder_is_refused_at_once(tmp_path, backend):
+    job = write_equiv_job(tmp_path)
+    r, seconds = run_on_tmpfs(tmp_path, "1m", [job, *BACKENDS[backend]], ro=True)
+    assert r.returncode == 1, r.stderr
+    assert "Read-only file system" in r.stderr and "/mnt/run" in r.stderr and "Traceback" not in r.stderr
+    assert seconds < 30
+
+
+def test_a_failed_write_leaves_the_older_checkpoints_intact(tmp_path, monkeypatch, capsys):
+    """The file write itself fails (ENOSPC from the filesystem, faked here so the test can read
+    the folder afterwards): the newest complete checkpoint still loads and no temp file is left."""
+    out = tmp_path / "run"
+    real = np.savez
+
+    def full_after_step_6(f, **arrays):
+        if json.loads(str(arrays["meta"]))["step"] > 6:
+            raise OSError(28, "No space left on device")
+        return real(f, **arrays)
+    monkeypatch.setattr(np, "savez", full_after_step_6)
+    job = write_job(tmp_path, checkpoint={"every_steps": 3, "num_to_keep": 100})
+    assert run_cli(job, "--out", str(out)) == 1
+    err = capsys.readouterr().err
+    assert "cannot write the checkpoint" in err and "step-00000009.npz" in err and "are intact" in err
+    steps = [s for s, _ in ckpt.list_checkpoints(str(out / "checkpoints"))]
+    assert steps == [0, 3, 6]
+    assert ckpt.load_checkpoint(str(out / "checkpoints" / ckpt.checkpoint_name(6)))[1]["step"] == 6
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_with_a_warning_and_cleans_leftovers(tmp_path, capsys):
+    out = tmp_path / "run"
+    job = write_job(tmp_path, training={"epochs": 1}, checkpoint={"every_steps": 7, "num_to_keep": 100})
+    run_cli(job, "--out", str(out))
+    newest = ckpt.list_checkpoints(str(out / "checkpoints"))[-1][1]
+    open(newest, "wb").write(b"PK\x03\x04 half a file")
+    leftover = out / "checkpoints" / ".tmp-abc123.npz"
+    leftover.write_bytes(b"partial")
+    capsys.readouterr()
+    assert run_cli(job, "--out", str(out), "--resume") == 0
+    err = capsys.readouterr().err
+    assert f"skipping a damaged checkpoint: {newest}" in err
+    assert "removed 1 temporary checkpoint file" in err and not leftover.exists()
+
+
+def test_resume_refuses_to_start_over_when_no_checkpoint_is_readable(tmp_path, capsys):
+    out = tmp_path / "run"
+    job = write_job(tmp_path, training={"epochs": 1})
+    run_cli(job, "--out", str(out))
+    paths = [p for _, p in ckpt.list_checkpoints(str(out / "checkpoints"))]
+    for p in paths:
+        open(p, "wb").write(b"garbage")
+    capsys.readouterr()
+    user_error(capsys, ["run", job, "--out", str(out), "--resume"], f"none of its {len(paths)} checkpoints is readable")

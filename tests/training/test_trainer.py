@@ -5,6 +5,10 @@ import glob
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -22,6 +26,7 @@ from helpers import (
     run_cli,
     train_job,
     user_error,
+    write_equiv_job,
     write_job,
 )
 
@@ -186,3 +191,41 @@ def test_an_extension_can_stop_the_run_early(tmp_path):
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "eval"] == [3, 5]
     assert json.loads((out / "summary.json").read_text())["stopped"] == "step 5 reached"
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("scaling", [[], ["--set", "scaling.backend=ray", "--set", "scaling.num_workers=2"]],
+                         ids=["local", "ray"])
+def test_a_signal_checkpoints_and_resume_continues_bit_for_bit(tmp_path, sig, code, scaling):
+    """SIGTERM (preemption, scancel, ray job stop) or SIGINT: a checkpoint at the current step,
+    exit 128 + signal with the command that continues; that command ends where an uninterrupted
+    run ends."""
+    job = write_equiv_job(tmp_path, training={"epochs": 400})
+    cut, full = tmp_path / "cut", tmp_path / "full"
+    cmd = [sys.executable, "-m", "distffn", "run", job, "--no-progress", *scaling]
+    p = subprocess.Popen(cmd + ["--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while len(ckpt.list_checkpoints(str(cut / "checkpoints"))) < 3:     # training is under way
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+            time.sleep(0.05)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == code, err
+    step = ckpt.list_checkpoints(str(cut / "checkpoints"))[-1][0]
+    assert f"stopped by {signal.Signals(sig).name} after step {step}" in err and "Traceback" not in err
+    assert 0 < step < 1200                                         # mid-run, not the end
+    resume = err.split("continue with: ")[1].strip()
+    assert resume.startswith("distffn run ") and resume.endswith(" --resume") and str(cut) in resume
+    r = subprocess.run([sys.executable, "-m", *resume.split()[0:1], *resume.split()[1:], "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert subprocess.run(cmd + ["--out", str(full)], capture_output=True, timeout=300).returncode == 0
+    a, b = final_params(full)[0], final_params(cut)[0]
+    assert final_params(full)[1]["step"] == final_params(cut)[1]["step"] == 1200
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
