@@ -14,7 +14,7 @@ import traceback
 
 from . import __version__
 from .errors import Interrupted, RunFailed, UserError
-from .parallel.mpi_env import launcher_rank, under_mpi, world
+from .parallel.mpi_env import MPI_RESULT_ENV, launcher_rank, under_mpi, world
 
 EPILOG = """\
 examples:
@@ -147,21 +147,19 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        return {"run": cmd_run, "eval": cmd_eval, "plot": cmd_plot}[args.command](args)
+        return _end({"run": cmd_run, "eval": cmd_eval, "plot": cmd_plot}[args.command](args))
     except UserError as e:
         print(f"distffn: error: {_rank_prefix()}{e}", file=sys.stderr)
-        _abort_mpi_world(2)
-        return 2
+        return _end(2)
     except Interrupted as e:                     # SIGTERM/SIGINT after a checkpoint
-        print(f"distffn: {e}", file=sys.stderr)
-        return e.exit_code
+        print(f"distffn: {_rank_prefix()}{e}", file=sys.stderr)
+        return _end(e.exit_code, abort=False)
     except KeyboardInterrupt:
         print("distffn: interrupted; continue with `distffn run JOB.yaml --resume`", file=sys.stderr)
-        return 130
+        return _end(130, abort=False)
     except RunFailed as e:                       # a worker or the storage failed: name it, end fast
         print(f"distffn: error: {_rank_prefix()}{e}", file=sys.stderr)
-        _abort_mpi_world(1)
-        return 1
+        return _end(1)
     except Exception as e:
         if not under_mpi():
             raise                                # a bug: keep the traceback
@@ -171,8 +169,19 @@ def main(argv=None) -> int:
             print(f"distffn: error: {_rank_prefix()}{type(e).__name__}: {e}", file=sys.stderr)
         else:
             traceback.print_exc()
-        _abort_mpi_world(1)
-        return 1
+        return _end(1)
+
+
+def _end(code: int, abort: bool = True) -> int:
+    """Rank 0 of distffn's own mpiexec leaves its exit code for the launcher (mpiexec's own does
+    not tell a finished run from one whose ranks were killed); a failing rank ends the world."""
+    result = os.environ.get(MPI_RESULT_ENV)
+    if result and launcher_rank() == "0":
+        with open(result, "w") as f:
+            f.write(str(code))
+    if code and abort:
+        _abort_mpi_world(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -94,6 +94,11 @@ class CheckpointConfig:
 
 
 @dataclass
+class FailureConfig:
+    max_failures: int = 0               # Ray Train's: 0 fail fast, N restarts, -1 without limit
+
+
+@dataclass
 class JobConfig:
     name: str = "job"
     data: DataConfig = field(default_factory=DataConfig)
@@ -102,6 +107,7 @@ class JobConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -234,6 +240,9 @@ def validate(job: JobConfig) -> JobConfig:
 
     _positive(c.every_steps, "checkpoint.every_steps", allow_zero=True)
     _positive(c.num_to_keep, "checkpoint.num_to_keep")
+    if job.failure.max_failures < -1:
+        raise UserError(f"failure.max_failures: expected -1 (no limit), 0 (fail fast) or a positive count, "
+                        f"got {job.failure.max_failures}")
     return job
 
 

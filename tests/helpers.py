@@ -468,3 +468,25 @@ def is_loopback(address: str) -> bool:
     """``127.0.0.1:80``, ``[::1]:80``, ``[::ffff:127.0.0.1]:80``, ``127.0.0.53%lo:53``."""
     host = address.rsplit(":", 1)[0].strip("[]").split("%")[0]
     return host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")
+
+
+def kill_a_worker_mid_run(cmd, run_dir, rank=1, after_checkpoints=3, timeout=240):
+    """Start ``cmd`` (a `distffn run` into ``run_dir``) in a session of its own; once it has
+    written ``after_checkpoints`` checkpoints, SIGKILL worker ``rank`` (its pid from
+    RUN_DIR/workers.json) and let the run go on. Returns (CompletedProcess, killed pid)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while len(ckpt.list_checkpoints(os.path.join(run_dir, "checkpoints"))) < after_checkpoints \
+                or not os.path.exists(os.path.join(run_dir, "workers.json")):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1]
+            time.sleep(0.05)
+        with open(os.path.join(run_dir, "workers.json")) as f:
+            victim = json.load(f)[rank]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err), victim

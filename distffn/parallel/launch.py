@@ -6,12 +6,16 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 from ..data.prepare import prepare_data
 from ..optim import OPTIMIZERS
 from ..xp import get_array_module
-from .mpi_env import check_mpi4py, find_mpiexec, network_env, under_mpi, world
-from .resources import check_cores, check_memory
+from .mpi_env import MPI_RESULT_ENV, check_mpi4py, find_mpiexec, network_env, under_mpi, world
+from .resources import check_cores, check_memory, note
+
+# Set for the ranks of the mpiexec that distffn starts: this launcher restarts them after a failure.
+RESTARTED_BY_LAUNCHER = "DISTFFN_MPI_LAUNCHER"
 
 
 def adopt_mpi_world(job, echo=print):
@@ -49,17 +53,50 @@ def maybe_relaunch_under_mpi(job, argv: list[str], checks=(), env=None) -> int |
     for check in checks:                            # the caller's (the run folder)
         check()
     # one node: the ranks talk through shared memory and nothing listens (module doc of mpi_env)
-    cmd = [find_mpiexec(single_node=True), "-n", str(job.scaling.num_workers),
-           sys.executable, "-m", "distffn.cli", *argv]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, **network_env(None), **(env or {})))
-    # a scheduler's SIGTERM to this launcher reaches mpiexec, which stops its ranks: none is
-    # left running on its own
-    previous = signal.signal(signal.SIGTERM, lambda sig, frame: proc.send_signal(sig))
+    env = dict(os.environ, **network_env(None), **(env or {}), **{RESTARTED_BY_LAUNCHER: "1"})
+    failures, limit = 0, job.failure.max_failures
+    while True:
+        cmd = [find_mpiexec(single_node=True), "-n", str(job.scaling.num_workers),
+               sys.executable, "-m", "distffn.cli", *argv]
+        fd, result = tempfile.mkstemp(prefix="distffn-mpi-result-")
+        os.close(fd)
+        try:
+            code, signalled = _run_mpiexec(cmd, dict(env, **{MPI_RESULT_ENV: result}))
+            with open(result) as f:
+                written = f.read().strip()
+        finally:
+            os.unlink(result)
+        if not written and not signalled:
+            # gforker reports 0 when it ended the ranks itself after one was killed
+            note(f"the MPI ranks ended (mpiexec exit code {code}) before rank 0 finished: a rank was lost")
+            code = 1
+        elif written:
+            code = int(written)
+        # success, a user error, or a stop this launcher was asked for end here; anything else is a
+        # lost rank (gforker ends the survivors with SIGINT, so their 130 is not the user's)
+        if signalled or code in (0, 2) or (limit != -1 and failures >= limit):
+            return code
+        failures += 1
+        note(f"the MPI ranks ended with exit code {code}; restart {failures} of "
+             f"{'unlimited' if limit == -1 else limit} (failure.max_failures) from the newest checkpoint")
+        if "--resume" not in argv:
+            argv = [*argv, "--resume"]
+
+
+def _run_mpiexec(cmd, env) -> tuple[int, bool]:
+    """Run ``cmd``; (its exit code, whether this launcher was asked to stop meanwhile)."""
+    proc = subprocess.Popen(cmd, env=env)
+    signalled = []
+
+    def forward(sig, frame):            # a scheduler's SIGTERM reaches mpiexec, which stops its ranks
+        signalled.append(sig)
+        proc.send_signal(sig)
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
-        return proc.wait()
+        return proc.wait(), bool(signalled)
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
         proc.wait()
-        return 130
+        return 130, True
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -29,6 +29,8 @@ def launcher_rank():
 
 
 SINGLE_NODE_ENV = {"UCX_TLS": "self,sm"}          # shared memory only: nothing listens
+# Where rank 0 of distffn's own mpiexec writes its exit code for the launcher.
+MPI_RESULT_ENV = "DISTFFN_MPI_RESULT"
 
 
 def network_env(interface: str | None) -> dict:

@@ -13,11 +13,12 @@ import numpy as np
 
 from ..data.prepare import prepare_data
 from ..data.sharding import batch_bounds, steps_per_epoch
-from ..errors import Interrupted, StorageFailed, UserError
+from ..errors import Interrupted, StorageFailed, UserError, WorkerFailed
 from ..optim import OPTIMIZERS, learning_rate
 from ..parallel import make_backend
 from ..parallel.backend import Totals
-from ..parallel.resources import check_memory, workers_on_this_node
+from ..parallel.launch import RESTARTED_BY_LAUNCHER
+from ..parallel.resources import check_memory, note, workers_on_this_node
 from . import checkpoint as ckpt
 from .checkpointer import Checkpointer, RunState
 from .evaluation import Evaluator
@@ -93,6 +94,28 @@ class Trainer:
         # everything that needs no engine is checked before one starts
         check_memory(job, self.model, len(buffers), workers_on_this_node(job))
         check_run_dir(self.out_dir, self.resume)
+        failures, limit = 0, job.failure.max_failures
+        while True:
+            try:
+                return self._attempt(data, checkpointer)
+            except WorkerFailed as e:
+                # a lost worker: new workers continue from the newest checkpoint (bit for bit,
+                # as any resume); only where this process owns every worker, not on MPI ranks
+                if self.backend.process_count > 1:
+                    if limit and not os.environ.get(RESTARTED_BY_LAUNCHER):
+                        raise WorkerFailed(f"{e}; under an external mpiexec nothing restarts the ranks: "
+                                           f"run the same command again with --resume") from None
+                    raise                       # distffn's launcher restarts the ranks
+                if limit != -1 and failures >= limit:
+                    raise
+                failures += 1
+                note(f"{e}; restart {failures} of {'unlimited' if limit == -1 else limit} "
+                     f"(failure.max_failures) from the newest checkpoint")
+                self.resume = True
+
+    def _attempt(self, data, checkpointer) -> dict:
+        """One life of the backend: start (fresh or from the newest checkpoint), train, close."""
+        job = self.job
         self.backend = backend = make_backend(job, data)
         self.is_root = backend.is_root
         try:
@@ -130,12 +153,19 @@ class Trainer:
     # ---------------------------------------------------------------- signals
     def _catch_signals(self) -> dict:
         """SIGTERM (a scheduler's preemption, ``scancel``, ``ray job stop``) and SIGINT end the
-        run after the current step, checkpointed. A second one acts at once. MPI ranks keep
-        the default: stopping at different steps would break their collectives."""
+        run after the current step, checkpointed. A second one acts at once. MPI ranks stop
+        at once instead (stopping at different steps would break their collectives) and say
+        how to continue from the newest checkpoint."""
         self._signal = None
-        if threading.current_thread() is not threading.main_thread() or self.backend.process_count > 1:
+        if threading.current_thread() is not threading.main_thread():
             return {}
-        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        handler = self._on_signal if self.backend.process_count == 1 else self._on_signal_mpi
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal_mpi(self, signum, frame):
+        """An MPI rank stops where it is (its peers may be mid-collective), saying how to go on."""
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {self.state.step}; continue "
+                          f"from the newest checkpoint in {self.ckpt_dir} with: {self.resume_command}", signum)
 
     def _on_signal(self, signum, frame):
         self._signal = signum

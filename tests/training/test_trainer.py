@@ -23,6 +23,7 @@ from helpers import (
     final_params,
     interrupted_copy,
     job_dict,
+    kill_a_worker_mid_run,
     run_cli,
     train_job,
     user_error,
@@ -229,3 +230,32 @@ def test_a_signal_checkpoints_and_resume_continues_bit_for_bit(tmp_path, sig, co
     assert final_params(full)[1]["step"] == final_params(cut)[1]["step"] == 1200
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["central", "allreduce"])
+def test_a_killed_ray_worker_is_replaced_and_the_run_ends_bit_for_bit(tmp_path, mode):
+    """failure.max_failures: 1: SIGKILL worker 1 (its pid from workers.json) mid-run; new actors
+    continue from the newest checkpoint and the final model equals an uninterrupted run's."""
+    job = write_equiv_job(tmp_path, training={"epochs": 300}, checkpoint={"every_steps": 30, "num_to_keep": 2},
+                          failure={"max_failures": 1}, scaling={"backend": "ray", "num_workers": 2,
+                                                               "aggregation": mode, "timeout_s": 20})
+    cut, full = tmp_path / "cut", tmp_path / "full"
+    cmd = [sys.executable, "-m", "distffn", "run", job, "--no-progress"]
+    r, victim = kill_a_worker_mid_run(cmd + ["--out", str(cut)], str(cut))
+    assert r.returncode == 0, r.stderr
+    assert "restart 1 of 1 (failure.max_failures) from the newest checkpoint" in r.stderr
+    workers = json.loads((cut / "workers.json").read_text())
+    assert len(workers) == 2 and victim not in [w["pid"] for w in workers]       # rewritten
+    assert subprocess.run(cmd + ["--out", str(full)], capture_output=True, timeout=300).returncode == 0
+    a, b = final_params(full)[0], final_params(cut)[0]
+    assert final_params(full)[1]["step"] == final_params(cut)[1]["step"] == 900
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_without_max_failures_a_killed_ray_worker_fails_fast_naming_it(tmp_path):
+    job = write_equiv_job(tmp_path, training={"epochs": 300}, scaling={"backend": "ray", "num_workers": 2})
+    out = tmp_path / "run"
+    r, _ = kill_a_worker_mid_run([sys.executable, "-m", "distffn", "run", job, "--no-progress", "--out", str(out)],
+                                 str(out), after_checkpoints=2)
+    assert r.returncode == 1 and "worker 1" in r.stderr and "restart" not in r.stderr, r.stderr
