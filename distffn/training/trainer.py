@@ -101,7 +101,7 @@ class Trainer:
             except WorkerFailed as e:
                 # a lost worker: new workers continue from the newest checkpoint (bit for bit,
                 # as any resume); only where this process owns every worker, not on MPI ranks
-                if self.backend.process_count > 1:
+                if self.backend is not None and self.backend.process_count > 1:
                     if limit and not os.environ.get(RESTARTED_BY_LAUNCHER):
                         raise WorkerFailed(f"{e}; under an external mpiexec nothing restarts the ranks: "
                                            f"run the same command again with --resume") from None
@@ -116,6 +116,7 @@ class Trainer:
     def _attempt(self, data, checkpointer) -> dict:
         """One life of the backend: start (fresh or from the newest checkpoint), train, close."""
         job = self.job
+        self.backend = None
         self.backend = backend = make_backend(job, data)
         self.is_root = backend.is_root
         try:
