@@ -14,7 +14,9 @@ import traceback
 
 from . import __version__
 from .errors import Interrupted, RunFailed, UserError
+from .parallel.launch import RESTARTED_BY_LAUNCHER
 from .parallel.mpi_env import MPI_RESULT_ENV, launcher_rank, under_mpi, world
+from .parallel.watchdog import die_with_parent
 
 EPILOG = """\
 examples:
@@ -144,6 +146,8 @@ def _rank_prefix() -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if under_mpi() and os.environ.get(RESTARTED_BY_LAUNCHER):
+        die_with_parent()                        # a rank of distffn's own mpiexec ends with it
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:

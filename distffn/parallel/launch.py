@@ -13,6 +13,7 @@ from ..optim import OPTIMIZERS
 from ..xp import get_array_module
 from .mpi_env import MPI_RESULT_ENV, check_mpi4py, find_mpiexec, network_env, under_mpi, world
 from .resources import check_cores, check_memory, note
+from .watchdog import die_with_parent
 
 # Set for the ranks of the mpiexec that distffn starts: this launcher restarts them after a failure.
 RESTARTED_BY_LAUNCHER = "DISTFFN_MPI_LAUNCHER"
@@ -85,7 +86,7 @@ def maybe_relaunch_under_mpi(job, argv: list[str], checks=(), env=None) -> int |
 
 def _run_mpiexec(cmd, env) -> tuple[int, bool]:
     """Run ``cmd``; (its exit code, whether this launcher was asked to stop meanwhile)."""
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)    # no orphans if we die
     signalled = []
 
     def forward(sig, frame):            # a scheduler's SIGTERM reaches mpiexec, which stops its ranks

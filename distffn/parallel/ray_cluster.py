@@ -15,6 +15,7 @@ import time
 
 from ..errors import UserError, WorkerFailed
 from ..xp import get_array_module
+from . import watchdog
 from .backend import Backend
 from .resources import check_cores, note, ray_address
 from .worker import FAULT_ENV
@@ -60,7 +61,7 @@ class RayBackend(Backend):
         self.num_workers = job.scaling.num_workers
         self.timeout = job.scaling.timeout_s
         address = ray_address(job)
-        self.temp_dir = None
+        self.temp_dir = self.watchdog = None
         if address is None:                      # checks that need no engine, before one starts
             check_cores(job)
             get_array_module(job.scaling.use_gpu)
@@ -88,6 +89,8 @@ class RayBackend(Backend):
                 base = tempfile.gettempdir()
                 self.temp_dir = tempfile.mkdtemp(prefix="distffn-ray-",
                                                  dir=base if len(base) <= 20 or not os.path.isdir("/tmp") else "/tmp")
+                # Ray's processes and this folder end with this process, even on a SIGKILL
+                self.watchdog = watchdog.start(self.temp_dir)
                 ray.init(address="local", _temp_dir=self.temp_dir, include_dashboard=False,
                          logging_level="warning", log_to_driver=True,
                          num_cpus=max(os.cpu_count() or 1, self.num_workers))
@@ -95,8 +98,7 @@ class RayBackend(Backend):
                 note(f"connecting to the Ray cluster at {address}")
                 ray.init(address=address, logging_level="warning", log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            if self.temp_dir is not None:
-                shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self._remove_local()
             why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             hint = "" if address is None else (" (is it up and reachable from here, and is RAY_AUTH_TOKEN "
                                                "set to its token when it requires one?)")
@@ -194,9 +196,17 @@ class RayBackend(Backend):
         self.workers, self.pg = [], None
         if self.owns_ray:
             ray.shutdown()
+        self._remove_local()
+
+    def _remove_local(self):
+        """The embedded Ray's temp folder and watchdog (after ``ray.shutdown``)."""
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
+        if self.watchdog is not None:
+            self.watchdog.terminate()
+            self.watchdog.wait()
+            self.watchdog = None
 
     def _actors(self) -> list:
         return list(self.workers)
