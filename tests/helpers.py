@@ -22,6 +22,7 @@ from distffn.jobspec import DataConfig, ModelConfig, from_dict
 from distffn.nn.activations import ACTIVATIONS
 from distffn.nn.model import MLP
 from distffn.nn.objectives import OBJECTIVES, P_CLIP
+from distffn.parallel.watchdog import process_table
 from distffn.training import Extension, Trainer
 from distffn.training import checkpoint as ckpt
 from distffn.training.extension import PRIORITY_CHECK
@@ -417,25 +418,12 @@ def processes_in_sessions(sessions, within_s: float = 0.0) -> list[int]:
 
 
 def _session_members(sessions) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z" and int(fields[3]) in sessions:   # state, and field 6: session id
-                found.append(int(entry))
-    return found
+    return [pid for pid, p in process_table().items() if p.state != "Z" and p.session in sessions]
 
 
 def _session_of(pid: int):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[3])
-    except (OSError, ValueError, IndexError):
-        return None
+    proc = process_table().get(pid)
+    return None if proc is None else proc.session
 
 
 def listeners_during(cmd, timeout, env=None, every_s=0.2):

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 PR_SET_PDEATHSIG = 1
 
@@ -32,8 +33,15 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os._exit(128 + sig)
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid → (parent pid, start time) of every process."""
+class Proc(NamedTuple):
+    ppid: int
+    start: str          # start time in clock ticks since boot: tells a reused pid apart
+    session: int
+    state: str          # "Z" for a zombie (dead, not yet reaped)
+
+
+def process_table() -> dict[int, Proc]:
+    """Every process, from /proc/PID/stat."""
     out = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -42,18 +50,18 @@ def _processes() -> dict[int, tuple[int, str]]:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            out[int(entry)] = (int(fields[1]), fields[19])
+            out[int(entry)] = Proc(int(fields[1]), fields[19], int(fields[3]), fields[0])
     return out
 
 
 def _descendants(root: int, table: dict) -> dict[int, str]:
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, proc in table.items():
+        children.setdefault(proc.ppid, []).append(pid)
     found, todo = {}, [root]
     while todo:
         for child in children.get(todo.pop(), []):
-            found[child] = table[child][1]
+            found[child] = table[child].start
             todo.append(child)
     return found
 
@@ -63,17 +71,17 @@ def watch(driver: int, folders=(), every_s: float = 0.5) -> None:
     same processes: checked by start time, so a reused pid is never hit) and remove
     ``folders`` (the run's temp folders)."""
     me = os.getpid()
-    table = _processes()
-    started = table.get(driver, (None, None))[1]
+    table = process_table()
+    started = table[driver].start if driver in table else None
     known: dict[int, str] = {}
     while True:
-        table = _processes()
-        if table.get(driver, (None, None))[1] != started:
+        table = process_table()
+        if driver not in table or table[driver].start != started:
             break
         known.update({p: t for p, t in _descendants(driver, table).items() if p != me})
         time.sleep(every_s)
     for pid, start in known.items():
-        if table.get(pid, (None, None))[1] == start:
+        if pid in table and table[pid].start == start:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
