@@ -60,6 +60,7 @@ class MPIBackend(Backend):
         self.job, self.mode = job, job.scaling.aggregation
         self.timeout = job.scaling.timeout_s
         self._limit_blas_threads(blas_threads)
+        self.hosts = self.comm.allgather(socket.gethostname())     # for messages that name a rank
         self.array_module = xp = get_array_module(job.scaling.use_gpu)
         self.worker = Worker(job, data.x_train, data.t_train, data.labels_train,
                              self.rank, self.num_workers, xp)
@@ -78,10 +79,14 @@ class MPIBackend(Backend):
         self._handshake("start-up")
         return self.comm.allgather(self.MPI.Get_processor_name())
 
+    def _on(self, ranks) -> str:
+        """`` on HOST[, HOST]`` for messages."""
+        return " on " + ", ".join(dict.fromkeys(self.hosts[r] for r in ranks))
+
     def worker_processes(self) -> list[dict]:
         self._handshake("start-up")
-        hosts = self.comm.allgather((socket.gethostname(), os.getpid()))
-        return [{"rank": r, "host": h, "pid": pid} for r, (h, pid) in enumerate(hosts)]
+        found = self.comm.allgather((socket.gethostname(), os.getpid()))
+        return [{"rank": r, "host": h, "pid": pid} for r, (h, pid) in enumerate(found)]
 
     # ---------------------------------------------------------------- state
     def broadcast(self, obj):
@@ -125,10 +130,10 @@ class MPIBackend(Backend):
                         continue
                     del pending[r]
                     if theirs != tag:
-                        raise WorkerTimeout(f"worker {r} (MPI rank) is out of step: rank 0 is at "
+                        raise WorkerTimeout(f"worker {r} (MPI rank{self._on([r])}) is out of step: rank 0 is at "
                                             f"collective {tag} ({what}), worker {r} at {theirs}")
                 if pending and time.monotonic() > deadline:
-                    raise WorkerTimeout(f"worker(s) {sorted(pending)} (MPI ranks) did not reach "
+                    raise WorkerTimeout(f"worker(s) {sorted(pending)} (MPI ranks{self._on(sorted(pending))}) did not reach "
                                         f"{what} within scaling.timeout_s={self.timeout:g} s")
                 polls = _poll(polls)
             for r in range(1, self.num_workers):
@@ -138,7 +143,7 @@ class MPIBackend(Backend):
             req = comm.irecv(source=0, tag=_GO)
             while not req.test()[0]:
                 if time.monotonic() > deadline:
-                    raise WorkerTimeout(f"worker 0 (MPI rank 0) did not answer at {what} "
+                    raise WorkerTimeout(f"worker 0 (MPI rank 0{self._on([0])}) did not answer at {what} "
                                         f"within scaling.timeout_s={self.timeout:g} s")
                 polls = _poll(polls)
 

@@ -111,9 +111,9 @@ class RayCentralBackend(RayBackend):
             self._get([ok], what, names=["the aggregator"])
         except WorkerFailed:
             done, late = self.ray.wait(grads, num_returns=len(grads), timeout=0, fetch_local=False)
-            self._get(done, what, names=[f"worker {grads.index(g)}" for g in done], timeout=0)
+            self._get(done, what, names=[self.name(grads.index(g)) for g in done], timeout=0)
             if late:
-                raise WorkerFailed(f"{', '.join(f'worker {grads.index(g)}' for g in late)} did not "
+                raise WorkerFailed(f"{', '.join(self.name(grads.index(g)) for g in late)} did not "
                                    f"finish {what} within scaling.timeout_s={self.timeout:g} s") from None
             raise
 

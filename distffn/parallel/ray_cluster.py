@@ -154,7 +154,7 @@ class RayBackend(Backend):
         at the deadline are named.
         """
         ray, refs = self.ray, list(refs)
-        names = names or [f"worker {i}" for i in range(len(refs))]
+        names = names or [self.name(i) for i in range(len(refs))]
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         if len(refs) == 1:                  # the per-step wait of central mode: one call
@@ -182,8 +182,15 @@ class RayBackend(Backend):
     def placement(self) -> list[str]:
         return self._get([w.where.remote() for w in self.workers], "start-up")
 
+    hosts: list = []                            # each worker's host, once known
+
+    def name(self, rank: int) -> str:
+        """``worker 1 on HOST``: how messages name a worker."""
+        return f"worker {rank}" + (f" on {self.hosts[rank]}" if rank < len(self.hosts) else "")
+
     def worker_processes(self) -> list[dict]:
         found = self._get([w.process.remote() for w in self.workers], "start-up")
+        self.hosts = [p["host"] for p in found]
         return [dict(rank=r, **p) for r, p in enumerate(found)]
 
     def close(self):

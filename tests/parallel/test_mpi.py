@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
 
 import pytest
@@ -53,7 +54,7 @@ def test_mpi_worker_that_stalls_is_named_after_the_timeout(tmp_path):
     r, _, seconds = run_mpi(tmp_path, 2, "central", env={"DISTFFN_INJECT_FAULT": "1:3:hang"},
                             scaling={"timeout_s": 4})
     assert r.returncode != 0
-    assert "worker(s) [1]" in r.stderr and "timeout_s=4" in r.stderr
+    assert f"worker(s) [1] (MPI ranks on {socket.gethostname()})" in r.stderr and "timeout_s=4" in r.stderr
     assert seconds < 60
 
 

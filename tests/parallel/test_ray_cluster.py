@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -60,7 +61,7 @@ def test_ray_worker_that_raises_ends_the_job(ray_instance, tmp_path, monkeypatch
     monkeypatch.setenv("DISTFFN_INJECT_FAULT", "1:3")
     code, err, seconds = run_ray_cli(tmp_path, capsys, mode, timeout_s=60)
     assert code == 1
-    assert "worker 1 failed" in err and "injected fault" in err and "Traceback" not in err
+    assert f"worker 1 on {socket.gethostname()} failed" in err and "injected fault" in err and "Traceback" not in err
     assert seconds < 60
     assert_cpus_released(ray_instance)
 
@@ -69,7 +70,7 @@ def test_ray_worker_that_raises_ends_the_job(ray_instance, tmp_path, monkeypatch
 def test_ray_worker_that_stalls_is_named_after_the_timeout(ray_instance, tmp_path, monkeypatch, capsys, mode):
     monkeypatch.setenv("DISTFFN_INJECT_FAULT", "0:2:hang")
     code, err, seconds = run_ray_cli(tmp_path, capsys, mode, timeout_s=4)
-    assert code == 1 and "worker 0" in err and "timeout_s=4" in err
+    assert code == 1 and "worker 0" in err and f"on {socket.gethostname()}" in err and "timeout_s=4" in err
     assert seconds < 60
     assert_cpus_released(ray_instance)
 

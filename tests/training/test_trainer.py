@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -258,4 +259,4 @@ def test_without_max_failures_a_killed_ray_worker_fails_fast_naming_it(tmp_path)
     out = tmp_path / "run"
     r, _ = kill_a_worker_mid_run([sys.executable, "-m", "distffn", "run", job, "--no-progress", "--out", str(out)],
                                  str(out), after_checkpoints=2)
-    assert r.returncode == 1 and "worker 1" in r.stderr and "restart" not in r.stderr, r.stderr
+    assert r.returncode == 1 and f"worker 1 on {socket.gethostname()}" in r.stderr and "restart" not in r.stderr, r.stderr
