@@ -26,6 +26,7 @@ examples:
   distffn run jobs/fashion-mnist-mlp.yaml --resume
   distffn eval runs/digits-mlp/checkpoints/step-00000600.npz
   distffn plot runs/digits-mlp
+  distffn plot runs/a runs/b --x samples --out cmp.png
 """
 
 
@@ -62,10 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override one field of the job spec (e.g. data.path=...)")
 
-    pl = sub.add_parser("plot", help="write PNG learning curves and first-layer weights of a run",
-                        description="Write RUN_DIR/curves.png (train/test loss and accuracy per "
-                                    "epoch) and, for image data, RUN_DIR/weights.png.")
-    pl.add_argument("run_dir", metavar="RUN_DIR")
+    pl = sub.add_parser("plot", help="write PNG learning curves of one run or several runs overlaid",
+                        description="One run: RUN_DIR/curves.png (train/test loss and accuracy per "
+                                    "epoch) and, for image data, RUN_DIR/weights.png. With --x or --out, "
+                                    "or several runs: one figure overlaying them (test loss and accuracy, "
+                                    "training loss, learning rate) against epochs, steps or samples seen.")
+    pl.add_argument("run_dirs", metavar="RUN_DIR", nargs="+")
+    pl.add_argument("--x", choices=["epoch", "step", "samples"], default=None,
+                    help="x-axis of the comparison figure (default: step)")
+    pl.add_argument("--out", metavar="FILE.png", help="where to write the comparison figure "
+                    "(needed for several runs; one run: RUN_DIR/curves-<x>.png)")
     return p
 
 
@@ -120,10 +127,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plot import plot_run
+    from .plot import plot_comparison, plot_run
 
-    for path in plot_run(args.run_dir):
-        print(path)
+    runs = args.run_dirs
+    if len(runs) == 1 and args.x is None and args.out is None:
+        for path in plot_run(runs[0]):
+            print(path)
+        return 0
+    if len(runs) > 1 and args.out is None:
+        raise UserError("--out: comparing several runs needs the figure's path, e.g. --out cmp.png")
+    x = args.x or "step"
+    print(plot_comparison(runs, args.out or os.path.join(runs[0], f"curves-{x}.png"), x))
     return 0
 
 

@@ -227,3 +227,102 @@ def plot_run(run_dir: str) -> list[str]:
                          f"incoming weights of {n} of {w0.shape[1]} hidden units")
                 written.append(plot_weights(w0, shape, title, os.path.join(run_dir, "weights.png")))
     return written
+
+
+# ---------------------------------------------------------------- comparing runs
+
+X_AXES = {"epoch": "epochs", "step": "steps (updates)", "samples": "training samples seen"}
+
+
+def read_records(metrics_path: str) -> list[dict]:
+    """Every parseable record of a ``metrics.jsonl``, in order (a resumed run's replayed steps
+    are kept once: a later record for the same event and step replaces the earlier one)."""
+    out: dict[tuple, dict] = {}
+    with open(metrics_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step", rec.get("start_step")), int):
+                out[(rec.get("event"), rec.get("step", rec.get("start_step")))] = rec
+    return list(out.values())
+
+
+class RunCurves:
+    """What a comparison plot needs of one run folder: its records, its spec and a label."""
+
+    def __init__(self, run_dir: str):
+        if not os.path.isdir(run_dir):
+            raise UserError(f"{run_dir}: no such run folder")
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        if not os.path.isfile(metrics):
+            raise UserError(f"{metrics}: not found; is {run_dir} a distffn run folder?")
+        records = read_records(metrics)
+        self.start = next((r for r in records if r.get("event") == "start"), {})
+        self.evals = sorted((r for r in records if r.get("event") == "eval"), key=lambda r: r["step"])
+        self.epochs = sorted((r for r in records if r.get("event") == "epoch"), key=lambda r: r["step"])
+        if not self.evals and not self.epochs:
+            raise UserError(f"{metrics}: no evaluation or epoch yet, nothing to plot")
+        job = _read_job(run_dir)
+        t, o, s = job.get("training") or {}, job.get("optimizer") or {}, job.get("scaling") or {}
+        self.batch = t.get("batch_size") or 1
+        self.label = (f"{os.path.basename(os.path.normpath(os.path.abspath(run_dir)))}: B={self.batch}, "
+                      f"{o.get('name', 'momentum')} lr={o.get('lr')} ({o.get('schedule', 'constant')}), "
+                      f"{s.get('num_workers', 1)} worker(s) {s.get('backend', 'local')}")
+
+    def x(self, step: int, axis: str) -> float:
+        spe = self.start.get("steps_per_epoch") or 1
+        n = self.start.get("n_train")
+        if axis == "step":
+            return step
+        if axis == "epoch":
+            return step / spe
+        full, rest = divmod(step, spe)              # samples: the short last batch counts as it is
+        return full * n + rest * self.batch if n else step * self.batch
+
+    def series(self, records: list[dict], key: str, axis: str, scale: float = 1.0):
+        xs, ys = [], []
+        for rec in records:
+            v = rec.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                xs.append(self.x(rec["step"], axis))
+                ys.append(float(v) * scale)
+        return xs, ys
+
+
+def plot_comparison(run_dirs: list[str], path: str, x: str = "step") -> str:
+    """One figure overlaying several runs (or one, on another x-axis): test loss, test accuracy
+    (classification), training loss and the learning rate against ``x`` (epoch, step or
+    samples); each run labelled with its key settings. Returns ``path``."""
+    if x not in X_AXES:
+        raise UserError(f"--x: expected one of {', '.join(X_AXES)}; got {x!r}")
+    runs = [RunCurves(d) for d in run_dirs]
+    has_acc = any(r.series(r.evals or r.epochs, "test_accuracy", x)[0] for r in runs)
+    panels = [("test loss", "test_loss", "evals", 1.0), *([("test accuracy (%)", "test_accuracy", "evals", 100.0)]
+                                                          if has_acc else []),
+              ("training loss (running, per epoch)", "train_loss", "epochs", 1.0),
+              ("learning rate", "lr", "both", 1.0)]
+    fig = Figure(figsize=(6.2 * len(panels) / 2 + 1, 8.4) if len(panels) > 2 else (12, 4.8))
+    axes = fig.subplots(2, (len(panels) + 1) // 2, squeeze=False).ravel()
+    for ax, (title, key, source, scale) in zip(axes, panels):
+        for i, run in enumerate(runs):
+            recs = (run.evals or run.epochs) if source == "evals" else run.epochs if source == "epochs" \
+                else sorted(run.evals + run.epochs, key=lambda r: r["step"])
+            xs, ys = run.series(recs, key, x, scale)
+            if xs:
+                ax.plot(xs, ys, marker="o", ms=2.5, lw=1.2, color=f"C{i}", label=run.label)
+        if key in ("test_loss", "train_loss") and all(
+                y > 0 for run in runs for y in run.series(run.evals + run.epochs, key, x)[1]):
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel(X_AXES[x])
+        ax.grid(True, alpha=0.4)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
+    fig.suptitle(runs[0].label if len(runs) == 1 else f"{len(runs)} runs compared")
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * len(runs), 1, 0.96))
+    _save(fig, path)
+    return path

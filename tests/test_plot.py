@@ -174,3 +174,43 @@ def test_no_epoch_lines_is_user_error(tmp_path):
     with pytest.raises(UserError, match="no completed epoch"):
         plot_run(str(run))
     assert not (run / "curves.png").exists()
+
+
+def two_runs(tmp_path):
+    from distffn.cli import main
+    job = tmp_path / "job.yaml"
+    job.write_text("data: {dataset: digits, limit_train: 300}\nmodel: {layers: [64, 16, 10]}\n"
+                   "training: {epochs: 3, batch_size: 50, eval_every: 2}\n")
+    for name, extra in (("a", []), ("b", ["--set", "training.batch_size=100", "--set", "optimizer.schedule=cosine"])):
+        assert main(["run", str(job), "--out", str(tmp_path / name), "--no-progress", *extra]) == 0
+    return tmp_path / "a", tmp_path / "b"
+
+
+def test_several_runs_overlay_in_one_figure(tmp_path, capsys):
+    from distffn.cli import main
+    a, b = two_runs(tmp_path)
+    out = tmp_path / "cmp.png"
+    assert main(["plot", str(a), str(b), "--x", "samples", "--out", str(out)]) == 0
+    assert_png(str(out))
+    assert main(["plot", str(a), "--x", "step"]) == 0
+    assert_png(str(a / "curves-step.png"))
+
+
+def test_x_axes_count_steps_epochs_and_samples_seen(tmp_path):
+    from distffn.plot import RunCurves
+    a, b = two_runs(tmp_path)
+    run = RunCurves(str(a))                       # 300 samples, batch 50: 6 steps per epoch
+    assert [run.x(s, "step") for s in (2, 6, 9)] == [2, 6, 9]
+    assert [run.x(s, "epoch") for s in (3, 6, 9)] == [0.5, 1.0, 1.5]
+    assert [run.x(s, "samples") for s in (2, 6, 9)] == [100, 300, 450]
+    assert [r["step"] for r in run.evals] == [2, 4, 6, 8, 10, 12, 14, 16, 18]
+    assert run.label.startswith("a: B=50, momentum lr=0.05 (constant), 1 worker(s) local")
+
+
+def test_comparing_needs_an_output_and_real_run_folders(tmp_path, capsys):
+    from distffn.cli import main
+    a, _ = two_runs(tmp_path)
+    capsys.readouterr()
+    assert main(["plot", str(a), str(a)]) == 2 and "--out" in capsys.readouterr().err
+    assert main(["plot", str(a), str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
