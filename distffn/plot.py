@@ -28,25 +28,42 @@ DPI = 120
 MAX_UNITS = 100  # weight tiles shown in weights.png
 
 
-def read_epochs(metrics_path: str) -> list[dict]:
-    """The ``"event": "epoch"`` records of a ``metrics.jsonl`` file, ordered by epoch.
-
-    Lines that do not parse (a run killed mid-write) and other events are skipped. If an
-    epoch appears more than once (a run resumed from an earlier checkpoint), the last record
-    wins, since it belongs to the run that continued.
-    """
-    by_epoch: dict[int, dict] = {}
+def _records(metrics_path: str):
+    """The records of a ``metrics.jsonl`` file; lines that do not parse (a run killed
+    mid-write) are skipped."""
     with open(metrics_path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(rec, dict) and rec.get("event") == "epoch" and "epoch" in rec:
-                try:
-                    by_epoch[int(rec["epoch"])] = rec
-                except (TypeError, ValueError):
-                    continue
+            if isinstance(rec, dict):
+                yield rec
+
+
+def _metrics_path(run_dir: str) -> str:
+    """``RUN_DIR/metrics.jsonl``, or a :class:`UserError` saying what ``run_dir`` is not."""
+    if not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir}: no such run folder")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        raise UserError(f"{metrics}: not found; is {run_dir} a distffn run folder?")
+    return metrics
+
+
+def read_epochs(metrics_path: str) -> list[dict]:
+    """The ``"event": "epoch"`` records of a ``metrics.jsonl`` file, ordered by epoch.
+
+    Other events are skipped. If an epoch appears more than once (a run resumed from an
+    earlier checkpoint), the last record wins, since it belongs to the run that continued.
+    """
+    by_epoch: dict[int, dict] = {}
+    for rec in _records(metrics_path):
+        if rec.get("event") == "epoch" and "epoch" in rec:
+            try:
+                by_epoch[int(rec["epoch"])] = rec
+            except (TypeError, ValueError):
+                continue
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -200,11 +217,7 @@ def plot_run(run_dir: str) -> list[str]:
     Raises :class:`UserError` if ``run_dir`` is not a folder, has no ``metrics.jsonl``, that
     file has no completed epoch yet, or ``job.yaml`` is not valid YAML.
     """
-    if not os.path.isdir(run_dir):
-        raise UserError(f"{run_dir}: no such run folder")
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(metrics):
-        raise UserError(f"{metrics}: not found; is {run_dir} a distffn run folder?")
+    metrics = _metrics_path(run_dir)
     epochs = read_epochs(metrics)
     if not epochs:
         raise UserError(f"{metrics}: no completed epoch yet, nothing to plot")
@@ -238,14 +251,9 @@ def read_records(metrics_path: str) -> list[dict]:
     """Every parseable record of a ``metrics.jsonl``, in order (a resumed run's replayed steps
     are kept once: a later record for the same event and step replaces the earlier one)."""
     out: dict[tuple, dict] = {}
-    with open(metrics_path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step", rec.get("start_step")), int):
-                out[(rec.get("event"), rec.get("step", rec.get("start_step")))] = rec
+    for rec in _records(metrics_path):
+        if isinstance(rec.get("step", rec.get("start_step")), int):
+            out[(rec.get("event"), rec.get("step", rec.get("start_step")))] = rec
     return list(out.values())
 
 
@@ -253,11 +261,7 @@ class RunCurves:
     """What a comparison plot needs of one run folder: its records, its spec and a label."""
 
     def __init__(self, run_dir: str):
-        if not os.path.isdir(run_dir):
-            raise UserError(f"{run_dir}: no such run folder")
-        metrics = os.path.join(run_dir, "metrics.jsonl")
-        if not os.path.isfile(metrics):
-            raise UserError(f"{metrics}: not found; is {run_dir} a distffn run folder?")
+        metrics = _metrics_path(run_dir)
         records = read_records(metrics)
         self.start = next((r for r in records if r.get("event") == "start"), {})
         self.evals = sorted((r for r in records if r.get("event") == "eval"), key=lambda r: r["step"])
