@@ -1,6 +1,9 @@
 """Fixtures shared by the tests."""
 from __future__ import annotations
 
+import glob
+import os
+
 import pytest
 
 from distffn.data import idx
@@ -57,3 +60,16 @@ def cupy():
     if count < 1:
         pytest.skip("no CUDA GPU")
     return cupy
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_mpi_shared_memory():
+    """MPICH leaves its /dev/shm segments behind when a rank is killed or aborted (the failure
+    tests do both on purpose); remove the ones that appeared during the test."""
+    before = set(glob.glob("/dev/shm/mpich_shm_*"))
+    yield
+    for path in set(glob.glob("/dev/shm/mpich_shm_*")) - before:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

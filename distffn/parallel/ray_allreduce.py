@@ -92,9 +92,12 @@ class _RankActor:
         return to_numpy(self.backend.params())
 
     def leave(self):
-        """Disconnect from the others (collective), so this process's MPI can finalize alone."""
+        """Disconnect from the others (collective) and finalize MPI: the actor is killed next,
+        and only MPI_Finalize removes the shared-memory segments MPICH made in /dev/shm."""
+        self.backend = None
         self.comm.Disconnect()
         self.comm = self.MPI.COMM_SELF
+        self.MPI.Finalize()
 
 
 class RayAllreduceBackend(RayBackend):
