@@ -201,9 +201,9 @@ class RayBackend(Backend):
             from ray.util.placement_group import remove_placement_group
             remove_placement_group(self.pg)
         self.workers, self.pg = [], None
-        if self.owns_ray:
+        if self.owns_ray:               # Ray, its temp folder and watchdog go together
             ray.shutdown()
-        self._remove_local()
+            self._remove_local()
 
     def _remove_local(self):
         """The embedded Ray's temp folder and watchdog (after ``ray.shutdown``)."""
