@@ -93,8 +93,11 @@ def watch(driver: int, folders=(), every_s: float = 0.5) -> None:
 def start(*folders: str) -> subprocess.Popen:
     """A watchdog for this process that also removes ``folders`` if it dies (stop it with
     ``terminate()`` when the run ends normally)."""
+    # a session of its own: whoever stops the driver's whole process group (a batch system, a
+    # timeout) stops the driver, and the watchdog then cleans up after it
     return subprocess.Popen([sys.executable, "-m", "distffn.parallel.watchdog", str(os.getpid()), *folders],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 if __name__ == "__main__":
