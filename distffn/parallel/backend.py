@@ -53,6 +53,11 @@ class StepTimes:
         return d
 
 
+def placement_of(workers: list[dict]) -> list[str]:
+    """Each worker's Ray node id, else its host, from :meth:`Backend.worker_processes`."""
+    return [w.get("node", w["host"]) for w in workers]
+
+
 class Backend:
     """One training run's workers and aggregator.
 
@@ -71,8 +76,8 @@ class Backend:
     array_module = np                    # where :meth:`params` lives (NumPy or CuPy)
 
     def placement(self) -> list[str]:
-        """Where each worker runs (host or node id), for the run's records."""
-        return [socket.gethostname()] * self.num_workers
+        """Where each worker runs (its Ray node id, else its host), for the run's records."""
+        return placement_of(self.worker_processes())
 
     def worker_processes(self) -> list[dict]:
         """``{"rank", "host", "pid"}`` of each live worker (RUN_DIR/workers.json)."""

@@ -75,10 +75,6 @@ class MPIBackend(Backend):
             local.Free()
         self._threads = limit_blas_threads(per_rank)
 
-    def placement(self) -> list[str]:
-        self._handshake("start-up")
-        return self.comm.allgather(self.MPI.Get_processor_name())
-
     def _on(self, ranks) -> str:
         """`` on HOST[, HOST]`` for messages."""
         return " on " + ", ".join(dict.fromkeys(self.hosts[r] for r in ranks))

@@ -43,10 +43,6 @@ class _RankActor:
     def process(self) -> dict:
         return actor_process()
 
-    def where(self) -> str:
-        import ray
-        return ray.get_runtime_context().get_node_id()
-
     # joining: worker 0 opens a port; each newcomer connects while the members accept, and
     # the two sides merge, the newcomer's rank after theirs
     def open_port(self) -> str:

@@ -27,11 +27,6 @@ class _WorkerActor:
     def process(self) -> dict:
         return actor_process()
 
-    def where(self) -> str:
-        """The Ray node this worker runs on (its node id)."""
-        import ray
-        return ray.get_runtime_context().get_node_id()
-
     def compute(self, theta, epoch, batch_index):
         t0 = time.perf_counter()
         theta = self.xp.asarray(theta)

@@ -179,9 +179,6 @@ class RayBackend(Backend):
                 raise _named_failure(e, names[refs.index(ready[0])], what) from None
         return ray.get(refs)
 
-    def placement(self) -> list[str]:
-        return self._get([w.where.remote() for w in self.workers], "start-up")
-
     hosts: list = []                            # each worker's host, once known
 
     def name(self, rank: int) -> str:

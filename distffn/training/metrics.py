@@ -8,7 +8,7 @@ import os
 import time
 
 from ..errors import StorageFailed
-from ..parallel.backend import StepTimes, Totals
+from ..parallel.backend import StepTimes, Totals, placement_of
 from .checkpointer import TrainingDiverged
 from .extension import PRIORITY_CHECK, PRIORITY_OBSERVE, PRIORITY_REPORT, Extension
 from .triggers import AnyTrigger, IntervalTrigger, every_epoch
@@ -100,8 +100,8 @@ class MetricsLog(Extension):
 
     def initialize(self, trainer):
         job, backend, state = trainer.job, trainer.backend, trainer.state
-        placement = backend.placement()
-        workers = backend.worker_processes()
+        workers = backend.worker_processes()       # one gathering serves both records
+        placement = placement_of(workers)
         if not trainer.is_root:
             return
         # where each live worker runs: users (and the failure tests) find a worker here
