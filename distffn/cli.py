@@ -27,6 +27,10 @@ examples:
   distffn eval runs/digits-mlp/checkpoints/step-00000600.npz
   distffn plot runs/digits-mlp
   distffn plot runs/a runs/b --x samples --out cmp.png
+  distffn submit jobs/digits-mlp.yaml --cluster cluster/ray-local.yaml
+  distffn status digits-mlp-3fa9c1
+  distffn logs digits-mlp-3fa9c1 --follow
+  distffn stop digits-mlp-3fa9c1
 """
 
 
@@ -73,6 +77,42 @@ def build_parser() -> argparse.ArgumentParser:
                     help="x-axis of the comparison figure (default: step)")
     pl.add_argument("--out", metavar="FILE.png", help="where to write the comparison figure "
                     "(needed for several runs; one run: RUN_DIR/curves-<x>.png)")
+
+    sb = sub.add_parser("submit", help="send a job spec to a cluster (Ray Jobs or SLURM); prints its id",
+                        description="Validate JOB.yaml here, then start it on the cluster that PROFILE.yaml "
+                                    "describes (kind: ray or slurm; see cluster/). The job id is the "
+                                    "last line on stdout; status, logs and stop take it.")
+    sb.add_argument("job", metavar="JOB.yaml", help="the job spec")
+    sb.add_argument("--cluster", required=True, metavar="PROFILE.yaml", help="the cluster profile")
+    sb.add_argument("--out", metavar="DIR", help="run directory, on a filesystem the cluster shares "
+                                                 "(default: <profile's runs>/<job id>)")
+    sb.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one field of the job spec (repeatable)")
+    sb.add_argument("--resume", action="store_true",
+                    help="continue the newest checkpoint in --out (a stopped job's run directory)")
+
+    st = sub.add_parser("status", help="a submitted job's state (PENDING RUNNING SUCCEEDED FAILED STOPPED) "
+                                       "and progress",
+                        description="The state word first, then step, epoch and the newest metrics from "
+                                    "the job's run directory.")
+    st.add_argument("id", metavar="ID")
+    st.add_argument("--json", action="store_true", help="one JSON object instead")
+
+    lg = sub.add_parser("logs", help="a submitted job's output", description="What the job has printed; "
+                        "with --follow, everything it prints until it ends.")
+    lg.add_argument("id", metavar="ID")
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+
+    sp = sub.add_parser("stop", help="stop a submitted job (it checkpoints first)",
+                        description="Ask the cluster to stop the job: SIGTERM, the run writes a checkpoint "
+                                    "and exits; waits until the cluster reports it ended. "
+                                    "`distffn submit ... --out RUN_DIR --resume` continues it.")
+    sp.add_argument("id", metavar="ID")
+
+    sub.add_parser("jobs", help="the jobs submitted from here, newest first",
+                   description="One line per job submitted from this machine ($DISTFFN_HOME, default "
+                               "~/.distffn): id, cluster kind, submitted, run directory. "
+                               "`distffn status ID` asks the cluster for its state.")
     return p
 
 
@@ -95,6 +135,7 @@ def cmd_run(args) -> int:
 
 def _run(job, out, args, lock) -> int:
     from .parallel.launch import maybe_relaunch_under_mpi
+    from .submit.scheduler import RESUME_COMMAND_ENV
     from .training import Trainer
     from .training.run_lock import HELD_ENV
     from .training.trainer import check_run_dir
@@ -104,9 +145,10 @@ def _run(job, out, args, lock) -> int:
     if relaunched is not None:
         return relaunched
     progress = False if args.no_progress else (sys.stdout.isatty() and sys.stderr.isatty())
-    trainer = Trainer(job, out, resume=args.resume, progress=progress,
-                      resume_command=shlex.join(["distffn", "run", args.job, "--out", out,
-                                                 *(x for o in args.overrides for x in ("--set", o)), "--resume"]))
+    # a submitted run is continued by submitting it again; the submitter says how
+    resume_command = os.environ.get(RESUME_COMMAND_ENV) or shlex.join(
+        ["distffn", "run", args.job, "--out", out, *(x for o in args.overrides for x in ("--set", o)), "--resume"])
+    trainer = Trainer(job, out, resume=args.resume, progress=progress, resume_command=resume_command)
     summary = trainer.run()
     if trainer.is_root:
         acc = summary.get("test_accuracy")
@@ -141,6 +183,81 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from .submit import submit_job
+
+    record = submit_job(args.job, args.cluster, args.out, args.overrides, args.resume)
+    print(f"submitted {record.id} to {record.kind} ({record.profile_path}) as {record.native_id}; "
+          f"run directory {record.run_dir}", file=sys.stderr)
+    print(f"  distffn status {record.id}  |  distffn logs {record.id} --follow  |  distffn stop {record.id}",
+          file=sys.stderr)
+    print(record.id)
+    return 0
+
+
+def cmd_status(args) -> int:
+    import json
+
+    from .submit import job_status
+
+    status = job_status(args.id)
+    print(json.dumps(status, indent=2) if args.json else "\n".join(_status_lines(status)))
+    return 0
+
+
+def _status_lines(s: dict) -> list[str]:
+    """``RUNNING  ID  detail``, then the progress the run directory shows."""
+    lines = [f"{s['state']}  {s['id']}  ({s['detail']})"]
+    if s.get("step") is None:
+        lines.append(f"  no progress written yet to {s['run_dir']}")
+    else:
+        spe, epochs = s.get("steps_per_epoch"), s.get("epochs")
+        total = f"/{spe * epochs}" if spe and epochs else ""
+        m = s.get("metrics", {})
+        parts = [f"step {s['step']}{total}", f"epoch {s['epoch']:g}" + (f"/{epochs}" if epochs else "")]
+        for key, label in (("train_loss", "train loss"), ("test_loss", "test loss")):
+            if m.get(key) is not None:
+                parts.append(f"{label} {m[key]:.4f}")
+        if m.get("test_accuracy") is not None:
+            parts.append(f"test accuracy {100 * m['test_accuracy']:.2f}%")
+        if m.get("samples_per_s"):
+            parts.append(f"{m['samples_per_s']:,.0f} samples/s")
+        if s.get("updated"):
+            parts.append(f"(written {max(0, time.time() - s['updated']):.0f} s ago)")
+        lines.append("  " + "  ".join(parts))
+        lines.append(f"  run directory {s['run_dir']}")
+    return lines
+
+
+def cmd_logs(args) -> int:
+    from .submit.jobs import job_logs
+
+    for chunk in job_logs(args.id, args.follow):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from .submit import stop_job
+
+    state = stop_job(args.id)
+    print(f"{state.state}  {args.id}  ({state.detail})")
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from .submit import list_jobs
+
+    for r in list_jobs():
+        print(f"{r.id}  {r.kind:<5}  {r.submitted}  {r.run_dir}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "plot": cmd_plot, "submit": cmd_submit, "status": cmd_status,
+            "logs": cmd_logs, "stop": cmd_stop, "jobs": cmd_jobs}
+
+
 def _abort_mpi_world(code: int):
     """One failing rank ends every rank at once, instead of leaving them blocked in a collective."""
     if under_mpi():
@@ -165,7 +282,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        return _end({"run": cmd_run, "eval": cmd_eval, "plot": cmd_plot}[args.command](args))
+        return _end(COMMANDS[args.command](args))
     except UserError as e:
         print(f"distffn: error: {_rank_prefix()}{e}", file=sys.stderr)
         return _end(2)

@@ -127,7 +127,7 @@ def _type_name(tp) -> str:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return f"{_type_name(args[0])} or null"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
-            list: "a list"}.get(tp, str(tp))
+            list: "a list", dict: "a mapping"}.get(tp, str(tp))
 
 
 def _coerce(value, tp, where: str):
@@ -144,6 +144,7 @@ def _coerce(value, tp, where: str):
         float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
         str: lambda v: isinstance(v, str),
         list: lambda v: isinstance(v, list),
+        dict: lambda v: isinstance(v, dict),
     }[tp]
     if not ok(value):
         raise UserError(f"{where}: expected {_type_name(tp)}, got {short(value)}")
@@ -158,7 +159,10 @@ def _resolved_types(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _build_section(cls, raw, where: str):
+def build_section(cls, raw, where: str, key=None):
+    """``cls`` (a dataclass) from the mapping ``raw``, every value checked against its field's
+    type; mistakes are named ``where.key`` (or ``key(name)`` when given)."""
+    key = key or (lambda k: f"{where}.{k}")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -166,8 +170,8 @@ def _build_section(cls, raw, where: str):
     types = _resolved_types(cls)
     unknown = sorted(set(raw) - set(types))
     if unknown:
-        raise UserError(f"{where}.{unknown[0]}: unknown key (expected one of: {', '.join(types)})")
-    kwargs = {k: _coerce(v, types[k], f"{where}.{k}") for k, v in raw.items()}
+        raise UserError(f"{key(unknown[0])}: unknown key (expected one of: {', '.join(types)})")
+    kwargs = {k: _coerce(v, types[k], key(k)) for k, v in raw.items()}
     return cls(**kwargs)
 
 
@@ -256,7 +260,7 @@ def from_dict(raw: Any, source: str = "job spec") -> JobConfig:
         raise UserError(f"{unknown[0]}: unknown key in {source} "
                         f"(expected: {', '.join(['name', *SECTIONS])})")
     name = _coerce(raw.get("name", "job"), str, "name")
-    sections = {k: _build_section(_resolved_types(JobConfig)[k], raw.get(k), k) for k in SECTIONS}
+    sections = {k: build_section(_resolved_types(JobConfig)[k], raw.get(k), k) for k in SECTIONS}
     return validate(JobConfig(name=name, **sections))
 
 

@@ -10,7 +10,6 @@ state, no display needed, nothing left open.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -23,22 +22,10 @@ from matplotlib.figure import Figure
 from .data.dataset import IMAGE_SHAPES
 from .errors import UserError
 from .training.checkpoint import list_checkpoints, newest_valid_checkpoint
+from .training.metrics import iter_records
 
 DPI = 120
 MAX_UNITS = 100  # weight tiles shown in weights.png
-
-
-def _records(metrics_path: str):
-    """The records of a ``metrics.jsonl`` file; lines that do not parse (a run killed
-    mid-write) are skipped."""
-    with open(metrics_path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                yield rec
 
 
 def _metrics_path(run_dir: str) -> str:
@@ -58,7 +45,7 @@ def read_epochs(metrics_path: str) -> list[dict]:
     earlier checkpoint), the last record wins, since it belongs to the run that continued.
     """
     by_epoch: dict[int, dict] = {}
-    for rec in _records(metrics_path):
+    for rec in iter_records(metrics_path):
         if rec.get("event") == "epoch" and "epoch" in rec:
             try:
                 by_epoch[int(rec["epoch"])] = rec
@@ -251,7 +238,7 @@ def read_records(metrics_path: str) -> list[dict]:
     """Every parseable record of a ``metrics.jsonl``, in order (a resumed run's replayed steps
     are kept once: a later record for the same event and step replaces the earlier one)."""
     out: dict[tuple, dict] = {}
-    for rec in _records(metrics_path):
+    for rec in iter_records(metrics_path):
         if isinstance(rec.get("step", rec.get("start_step")), int):
             out[(rec.get("event"), rec.get("step", rec.get("start_step")))] = rec
     return list(out.values())

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -426,6 +427,23 @@ def _session_of(pid: int):
     return None if proc is None else proc.session
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    """A TCP port nothing on 127.0.0.1 uses right now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_listeners(sessions) -> set:
+    """Every TCP/UDP socket (address, process name) that a process of ``sessions`` listens on now."""
+    out = subprocess.run(["ss", "-ltunpH"], capture_output=True, text=True, check=True).stdout
+    return {(line.split()[4], name) for line in out.splitlines()
+            for name, pid in re.findall(r'\("([^"]+)",pid=(\d+)', line) if _session_of(int(pid)) in sessions}
+
+
 def listeners_during(cmd, timeout, env=None, every_s=0.2):
     """Run ``cmd`` in a session of its own and sample, while it runs, every TCP/UDP socket that
     a process of that session listens on (``ss -ltunp``). Returns (CompletedProcess, {(address,
@@ -438,12 +456,7 @@ def listeners_during(cmd, timeout, env=None, every_s=0.2):
         while p.poll() is None:
             if time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(cmd, timeout)
-            out = subprocess.run(["ss", "-ltunpH"], capture_output=True, text=True, check=True).stdout
-            for line in out.splitlines():
-                parts = line.split()
-                for name, pid in re.findall(r'\("([^"]+)",pid=(\d+)', line):
-                    if _session_of(int(pid)) == p.pid:
-                        seen.add((parts[4], name))
+            seen |= session_listeners({p.pid})
             time.sleep(every_s)
     finally:
         if p.poll() is None:

@@ -109,7 +109,7 @@ class MetricsLog(Extension):
         self._write(trainer, {
             "event": "start", "num_params": trainer.model.num_params, "num_workers": backend.num_workers,
             "backend": job.scaling.backend, "aggregation": job.scaling.aggregation, "n_train": trainer.n_train, "n_test": trainer.n_test,
-            "steps_per_epoch": trainer.steps_per_epoch, "start_step": state.step, "placement": placement,
+            "steps_per_epoch": trainer.steps_per_epoch, "epochs": job.training.epochs, "start_step": state.step, "placement": placement,
             "data_source": trainer.data_source})
         self.echo(f"{job.name}: {trainer.model.num_params:,} parameters, {trainer.n_train:,} training / "
                   f"{trainer.n_test:,} test samples, {job.training.epochs} epochs of "
@@ -189,3 +189,49 @@ class MetricsLog(Extension):
         test = "" if r["test_loss"] is None else f"  test loss {r['test_loss']:.4f}"
         return (f"epoch {r['epoch']:>3}/{epochs}  step {r['step']:>7}  lr {r['lr']:.4g}  "
                 f"train loss {r['train_loss']:.4f}{test}{acc}  {r['samples_per_s']:,.0f} samples/s")
+
+
+# ---------------------------------------------------------------- reading a run directory
+
+def iter_records(metrics_path: str):
+    """The records of a ``metrics.jsonl`` file, in order; lines that do not parse (a run
+    killed mid-write) are skipped."""
+    with open(metrics_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
+def read_progress(run_dir: str) -> dict:
+    """How far a run has got, from its files (for ``distffn status``): ``step``, ``epoch``,
+    ``epochs``, ``steps_per_epoch``, the newest ``metrics`` (train loss, test loss and accuracy,
+    samples/s) and, once it ended, its ``summary``. Empty where the folder is not readable."""
+    out: dict = {}
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        records = list(iter_records(metrics))
+        out["updated"] = os.path.getmtime(metrics)
+    except OSError:
+        return out
+    keep = ("lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "samples_per_s")
+    for rec in records:
+        event = rec.get("event")
+        if event == "start":
+            out["steps_per_epoch"] = rec.get("steps_per_epoch")
+            out["num_workers"] = rec.get("num_workers")
+            out["epochs"] = rec.get("epochs")
+        elif event in ("epoch", "eval"):
+            out["step"] = rec.get("step")
+            out["epoch"] = rec.get("epoch")
+            metrics_now = out.setdefault("metrics", {})
+            metrics_now.update({k: rec[k] for k in keep if rec.get(k) is not None})
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            out["summary"] = json.load(f)
+    except (OSError, ValueError):
+        pass
+    return out

@@ -1,0 +1,234 @@
+"""``kind: ray``: jobs on a Ray cluster through its job server (the Ray Jobs SDK,
+``ray.job_submission.JobSubmissionClient``), with Ray's token authentication.
+
+The token is read as Ray reads it (``RAY_AUTH_TOKEN``, else the file at ``RAY_AUTH_TOKEN_PATH``,
+else ``~/.ray/auth_token``) and sent as a bearer header, so it works whatever
+``RAY_AUTH_MODE`` says on this machine. The job's files reach the cluster as Ray's
+``runtime_env`` ``working_dir``: the profile's own, or else a folder holding just the resolved
+job spec (then ``data.path`` and the run directory must be on a filesystem the cluster shares).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from ..errors import UserError
+from ..parallel.resources import note
+from .records import stage_dir
+from .scheduler import (
+    FAILED,
+    PENDING,
+    RESUME_COMMAND_ENV,
+    RUNNING,
+    SCHEDULERS,
+    STATES,
+    JobState,
+    Scheduler,
+    resume_command,
+    run_command,
+)
+
+TOKEN_ENV, TOKEN_PATH_ENV, TOKEN_FILE = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"
+RUNTIME_ENV_KEYS = ("working_dir", "pip", "env_vars", "excludes", "py_modules")
+
+
+@dataclass
+class RayProfile:
+    address: str = "http://127.0.0.1:8265"      # the job server (the dashboard's port)
+    runtime_env: Optional[dict] = None          # working_dir, pip, env_vars (Ray's runtime_env)
+    entrypoint_num_cpus: Optional[float] = None  # default: the job's workers if they run in the driver
+    entrypoint_num_gpus: Optional[float] = None
+    entrypoint_resources: Optional[dict] = None
+    command: str = "distffn"                    # how the cluster's nodes run distffn
+    runs: str = "runs"                          # run directories go to RUNS/<job id> unless --out
+
+
+def find_token() -> tuple[Optional[str], str]:
+    """(token, where it came from) in Ray's order of precedence; (None, "") if there is none."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token:
+        return token, f"${TOKEN_ENV}"
+    path = os.environ.get(TOKEN_PATH_ENV)
+    if path:
+        try:
+            with open(os.path.expanduser(path)) as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise UserError(f"{TOKEN_PATH_ENV}: cannot read {path} ({e.strerror}); it should hold the "
+                            f"cluster's token, or set {TOKEN_ENV}") from None
+        if not token:
+            raise UserError(f"{TOKEN_PATH_ENV}: {path} is empty; it should hold the cluster's token")
+        return token, path
+    default = os.path.expanduser(TOKEN_FILE)
+    try:
+        with open(default) as f:
+            token = f.read().strip()
+        return (token, default) if token else (None, "")
+    except OSError:
+        return None, ""
+
+
+@contextlib.contextmanager
+def _without_env(*names):
+    """Ray's SDK lets $RAY_ADDRESS and $RAY_API_SERVER_ADDRESS override the address it is given;
+    the profile names the cluster, so neither may redirect a submission."""
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+@SCHEDULERS.named("ray")
+class RayJobs(Scheduler):
+    """a Ray cluster's job server (Ray Jobs), token authentication"""
+
+    Profile = RayProfile
+
+    @classmethod
+    def validate(cls, p: RayProfile, source: str):
+        if not p.address.startswith(("http://", "https://")):
+            raise UserError(f"{source}: address: expected the job server's URL, e.g. "
+                            f"http://127.0.0.1:8265 (the dashboard port), got {p.address!r}")
+        env = p.runtime_env or {}
+        unknown = sorted(set(env) - set(RUNTIME_ENV_KEYS))
+        if unknown:
+            raise UserError(f"{source}: runtime_env.{unknown[0]}: not supported here "
+                            f"(expected: {', '.join(RUNTIME_ENV_KEYS)})")
+        wd = env.get("working_dir")
+        if wd is not None and (not isinstance(wd, str) or ("://" not in wd and not os.path.isdir(
+                os.path.join(os.path.dirname(source), os.path.expanduser(wd))))):
+            raise UserError(f"{source}: runtime_env.working_dir: expected a folder (relative to the "
+                            f"profile) or a remote URI, got {wd!r}")
+        if not isinstance(env.get("env_vars", {}), dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in env.get("env_vars", {}).items()):
+            raise UserError(f"{source}: runtime_env.env_vars: expected a mapping of names to strings")
+        for key in ("entrypoint_num_cpus", "entrypoint_num_gpus"):
+            if (getattr(p, key) or 0) < 0:
+                raise UserError(f"{source}: {key}: expected a non-negative number")
+
+    def where(self) -> str:
+        return f"ray at {self.profile.address}"
+
+    # ---------------------------------------------------------------- the SDK client
+    def _client(self):
+        try:
+            from ray.exceptions import AuthenticationError
+            from ray.job_submission import JobSubmissionClient
+        except ImportError:
+            raise UserError(f"{self.source}: kind ray needs Ray's job SDK; install it with "
+                            f"pip install -e \".[cluster]\" (ray[default])") from None
+        # the SDK's INFO lines ("Uploading package ...") are not the user's business
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        token, origin = find_token()
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        address = self.profile.address
+        try:
+            with _without_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+                client = JobSubmissionClient(address, headers=headers)
+            client.list_jobs() if not token else None   # an open server answers without a token
+        except AuthenticationError:
+            if token:
+                raise UserError(f"{TOKEN_ENV}: the job server at {address} refused the token from "
+                                f"{origin}; set {TOKEN_ENV} (or {TOKEN_PATH_ENV}) to this cluster's "
+                                f"token") from None
+            raise UserError(f"{TOKEN_ENV}: the job server at {address} requires a token and none is "
+                            f"set; export {TOKEN_ENV} (or {TOKEN_PATH_ENV}, or put it in {TOKEN_FILE}); "
+                            f"cluster/ray-head.sh prints where its token is") from None
+        except ConnectionError as e:
+            raise UserError(f"{self.source}: address: no Ray job server answers at {address} ({e}); "
+                            f"is the cluster up (cluster/ray-head.sh up)?") from None
+        if not token:
+            note(f"warning: the job server at {address} accepts jobs without a token: anyone who can "
+                 f"reach it can run code there (CVE-2023-48022); start it with RAY_AUTH_MODE=token "
+                 f"(cluster/ray-head.sh does)")
+        return client
+
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except RuntimeError as e:        # the SDK's answer to a 4xx/5xx
+            text = str(e)
+            if "does not exist" in text or "404" in text:
+                raise UserError(f"{what}: the cluster at {self.profile.address} does not know this "
+                                f"job (was the cluster restarted?)") from None
+            raise UserError(f"{what}: the job server at {self.profile.address} refused: "
+                            f"{text.splitlines()[0][:300]}") from None
+
+    # ---------------------------------------------------------------- the verbs
+    def submit(self, record, job) -> str:
+        p = self.profile
+        env = dict(p.runtime_env or {})
+        if "working_dir" in env:
+            # the user's project travels: the job spec as they wrote it, their --set on top
+            wd = env["working_dir"]
+            if "://" not in wd:
+                wd = os.path.abspath(os.path.join(os.path.dirname(self.source), os.path.expanduser(wd)))
+                env["working_dir"] = wd
+                rel = os.path.relpath(os.path.abspath(record.job_path), wd)
+                if rel.startswith(".."):
+                    raise UserError(f"{record.job_path}: outside runtime_env.working_dir {wd}; the "
+                                    f"cluster sees only that folder, so keep the job spec in it")
+                job_arg, overrides = rel, record.overrides
+            else:
+                job_arg, overrides = record.job_path, record.overrides
+        else:
+            # the resolved spec alone travels, as the job's working_dir
+            env["working_dir"] = stage_dir(record.id)
+            job_arg, overrides = "job.yaml", []
+        env["env_vars"] = {**env.get("env_vars", {}), RESUME_COMMAND_ENV: resume_command(record)}
+        if p.entrypoint_num_cpus is not None:
+            cpus = p.entrypoint_num_cpus
+        else:                           # a local or MPI backend computes where the driver runs
+            cpus = 0 if job.scaling.backend == "ray" else job.scaling.num_workers
+        record.command = run_command(p.command, job_arg, record.run_dir, record.resume, overrides)
+        client = self._client()
+        kwargs = {}
+        if p.entrypoint_num_gpus is not None or job.scaling.use_gpu and job.scaling.backend != "ray":
+            kwargs["entrypoint_num_gpus"] = (p.entrypoint_num_gpus if p.entrypoint_num_gpus is not None
+                                             else job.scaling.num_workers)
+        if p.entrypoint_resources:
+            kwargs["entrypoint_resources"] = p.entrypoint_resources
+        return self._call("submit", lambda: client.submit_job(
+            entrypoint=record.command, submission_id=record.id, runtime_env=env,
+            entrypoint_num_cpus=cpus, metadata={"distffn_run_dir": record.run_dir}, **kwargs))
+
+    def status(self, record) -> JobState:
+        info = self._call(record.id, self._client().get_job_info, record.native_id)
+        state = getattr(info.status, "value", str(info.status))
+        detail = (info.message or "").strip().splitlines()
+        return JobState(state if state in STATES else FAILED, f"Ray job {record.native_id}"
+                        + (f": {detail[0][:200]}" if detail else ""))
+
+    def logs(self, record) -> str:
+        return self._call(record.id, self._client().get_job_logs, record.native_id)
+
+    def follow(self, record) -> Iterator[str]:
+        client = self._client()
+        while self.status(record).state == PENDING:     # nothing to tail before it runs
+            time.sleep(1)
+        loop = asyncio.new_event_loop()
+        chunks = client.tail_job_logs(record.native_id)  # its websocket closes when the job ends
+        try:
+            while True:
+                try:
+                    chunk = loop.run_until_complete(chunks.__anext__())
+                except StopAsyncIteration:
+                    return
+                except RuntimeError as e:
+                    raise UserError(f"{record.id}: lost the log stream from {self.profile.address} "
+                                    f"({str(e)[:200]})") from None
+                yield chunk
+        finally:
+            loop.run_until_complete(chunks.aclose())
+            loop.close()
+
+    def stop(self, record) -> None:
+        state = self.status(record).state
+        if state in (PENDING, RUNNING):
+            self._call(record.id, self._client().stop_job, record.native_id)

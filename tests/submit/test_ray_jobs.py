@@ -1,0 +1,192 @@
+"""`distffn submit/status/logs/stop/jobs` against a real Ray head: `cluster/ray-head.sh up` on
+127.0.0.1 with token authentication and a temp folder of its own, stopped by its process
+session (never `ray stop`)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import (
+    REPO,
+    free_port,
+    is_loopback,
+    processes_in_sessions,
+    run_group,
+    session_listeners,
+    write_job,
+)
+
+HEAD = os.path.join(REPO, "cluster", "ray-head.sh")
+DIGITS_2 = {"name": "digits2", "data": {"dataset": "digits"}, "model": {"layers": [64, 32, 10]},
+            "training": {"epochs": 3, "batch_size": 64}, "scaling": {"num_workers": 2}}
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A Ray head of this module's own; yields (state dir, session id, env for clients)."""
+    state = tmp_path_factory.mktemp("ray-head")
+    env = {**os.environ, "RAY_HEAD_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port()),
+           "RAY_HEAD_CPUS": "4", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    up = run_group([HEAD, "up", str(state)], timeout=150, env=env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    session = int((state / "head.pgid").read_text())
+    try:
+        yield state, session, env
+    finally:
+        down = run_group([HEAD, "down", str(state)], timeout=60, env=env)
+        assert down.returncode == 0, down.stderr
+        assert processes_in_sessions({session}, within_s=20) == []
+
+
+@pytest.fixture
+def client(head, tmp_path):
+    """Runs `distffn ARGS` as a user with the head's token and a $DISTFFN_HOME of its own."""
+    state, _, env = head
+    profile = tmp_path / "ray.yaml"
+    profile.write_text(f"kind: ray\naddress: http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}\n"
+                       f"runs: {tmp_path / 'runs'}\n")
+    user = {**env, "DISTFFN_HOME": str(tmp_path / "home"), "HOME": str(tmp_path),
+            "RAY_AUTH_TOKEN_PATH": str(state / "auth_token")}
+
+    def distffn(*args, timeout=120, **env_changes):
+        e = {k: v for k, v in {**user, **env_changes}.items() if v is not None}
+        return run_group([sys.executable, "-m", "distffn", *map(str, args)], timeout=timeout, env=e)
+    distffn.profile = profile
+    return distffn
+
+
+def wait_for(distffn, job_id, states, timeout=180):
+    deadline = time.monotonic() + timeout
+    while True:
+        r = distffn("status", job_id, "--json")
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        if status["state"] in states or time.monotonic() > deadline:
+            return status
+        time.sleep(1)
+
+
+def test_head_listens_on_loopback_only(head):
+    _, session, _ = head
+    listening = session_listeners({session})
+    assert listening, "the head's session should listen somewhere (GCS, job server)"
+    assert all(is_loopback(address) for address, _ in listening), listening
+
+
+def test_a_two_worker_job_succeeds_and_leaves_its_run_directory(client, tmp_path):
+    job = write_job(tmp_path, DIGITS_2)
+    r = client("submit", job, "--cluster", client.profile)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().splitlines()[-1]          # the id is the last line on stdout
+    status = wait_for(client, job_id, {"SUCCEEDED", "FAILED"})
+    assert status["state"] == "SUCCEEDED", status
+    run_dir = status["run_dir"]
+    assert run_dir == str(tmp_path / "runs" / job_id)
+    assert status["step"] == status["steps_per_epoch"] * 3 and status["epoch"] == 3
+    assert status["num_workers"] == 2 and status["metrics"]["test_accuracy"] > 0.5
+    assert os.listdir(os.path.join(run_dir, "checkpoints"))
+    assert json.load(open(os.path.join(run_dir, "summary.json")))["num_workers"] == 2
+
+    text = client("status", job_id).stdout
+    assert text.startswith("SUCCEEDED ") and "epoch 3/3" in text
+    logs = client("logs", job_id)
+    assert logs.returncode == 0 and logs.stdout.count("epoch ") >= 3 and "  1/3  step" in logs.stdout
+    follow = client("logs", job_id, "--follow")             # an ended job: all of it, then exit
+    assert follow.returncode == 0 and "done:" in follow.stdout
+    jobs = client("jobs")
+    assert jobs.stdout.splitlines()[0].startswith(f"{job_id}  ray")
+
+
+def test_stop_checkpoints_and_leaves_no_training_process(client, tmp_path):
+    job = write_job(tmp_path, {**DIGITS_2, "training": {"epochs": 100000, "batch_size": 64},
+                               "scaling": {"backend": "ray", "num_workers": 2},
+                               "checkpoint": {"every_steps": 1000000}})
+    job_id = client("submit", job, "--cluster", client.profile).stdout.strip().splitlines()[-1]
+    status = wait_for(client, job_id, {"RUNNING"})
+    run_dir = status["run_dir"]
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(run_dir, "workers.json")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    workers = [w["pid"] for w in json.load(open(os.path.join(run_dir, "workers.json")))]
+    while (wait_for(client, job_id, {"FAILED", "SUCCEEDED"}, timeout=0).get("step") or 0) < 50:
+        time.sleep(0.5)
+
+    r = client("stop", job_id)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("STOPPED "), r.stdout
+    assert client("status", job_id).stdout.startswith("STOPPED ")
+    # the SIGTERM made the run checkpoint its current step before it exited
+    steps = sorted(int(n[5:13]) for n in os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert steps[-1] > 0 and steps[-1] == json.load(open(os.path.join(run_dir, "summary.json")))["step"]
+    assert "stopped by SIGTERM" in client("logs", job_id).stdout
+    assert _alive(workers, within_s=15) == [], "a Ray worker of the stopped job is still alive"
+    assert _running_in(run_dir, within_s=15) == [], "a process of the stopped job is still alive"
+
+
+def test_unknown_id_and_invalid_spec_exit_2(client, tmp_path):
+    r = client("status", "no-such-job-123456")
+    assert r.returncode == 2 and "no-such-job-123456: no such job" in r.stderr
+    assert "Traceback" not in r.stderr
+    for verb in ("logs", "stop"):
+        assert client(verb, "no-such-job-123456").returncode == 2
+
+    bad = write_job(tmp_path, {**DIGITS_2, "model": {"layers": [64, 10], "activation": "sign"}})
+    r = client("submit", bad, "--cluster", client.profile)
+    assert r.returncode == 2 and "model.activation" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert client("jobs").stdout == ""                       # nothing reached the cluster
+
+    profile = tmp_path / "bad.yaml"
+    profile.write_text("kind: ray\naddress: 127.0.0.1:8265\n")
+    r = client("submit", write_job(tmp_path, DIGITS_2), "--cluster", profile)
+    assert r.returncode == 2 and "address" in r.stderr and str(profile) in r.stderr
+
+
+def test_submitting_without_or_with_a_wrong_token_exits_2(client, tmp_path):
+    job = write_job(tmp_path, DIGITS_2)
+    r = client("submit", job, "--cluster", client.profile, RAY_AUTH_TOKEN_PATH=None)
+    assert r.returncode == 2 and "RAY_AUTH_TOKEN" in r.stderr and "requires a token" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = client("submit", job, "--cluster", client.profile, RAY_AUTH_TOKEN="not-the-token")
+    assert r.returncode == 2 and "refused the token" in r.stderr and "RAY_AUTH_TOKEN" in r.stderr
+    assert client("jobs").stdout == ""
+
+
+def _alive(pids, within_s):
+    deadline = time.monotonic() + within_s
+    while True:
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and _state(p) != "Z"]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.3)
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def _running_in(run_dir, within_s):
+    """Processes whose command line names the run directory (read from /proc, nothing killed)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if run_dir.encode() in f.read() and _state(pid) != "Z":
+                        found.append(int(pid))
+            except OSError:
+                pass
+        if not found or time.monotonic() > deadline:
+            return found
+        subprocess.run(["sleep", "0.3"])
