@@ -287,7 +287,8 @@ def main(argv=None) -> int:
         print(f"distffn: error: {_rank_prefix()}{e}", file=sys.stderr)
         return _end(2)
     except Interrupted as e:                     # SIGTERM/SIGINT after a checkpoint
-        print(f"distffn: {_rank_prefix()}{e}", file=sys.stderr)
+        if not _rank_prefix():                   # every rank stops alike; rank 0 says so once
+            print(f"distffn: {e}", file=sys.stderr)
         return _end(e.exit_code, abort=False)
     except KeyboardInterrupt:
         print("distffn: interrupted; continue with `distffn run JOB.yaml --resume`", file=sys.stderr)

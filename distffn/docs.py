@@ -8,6 +8,7 @@ registries, so the documentation cannot list a name the code does not know, or m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 
@@ -17,6 +18,7 @@ from .nn.init import INITIALIZERS
 from .nn.objectives import OBJECTIVES
 from .optim import OPTIMIZERS, SCHEDULES
 from .parallel import BACKENDS
+from .submit import SCHEDULERS
 
 
 def _cell(text: str) -> str:
@@ -49,7 +51,16 @@ def tables() -> dict[str, str]:
         "backends": _table(["`scaling.backend`", "workers", "`scaling.aggregation`"],
                            [[f"`{name}`", BACKENDS.doc(name), ", ".join(f"`{m}`" for m in modes)]
                             for name, modes in BACKENDS.items()]),
+        "clusters": _table(["cluster profile `kind`", "jobs go to", "keys (default)"],
+                           [[f"`{name}`", SCHEDULERS.doc(name), ", ".join(
+                               f"`{f.name}` ({_default(f)})" for f in dataclasses.fields(cls.Profile))]
+                            for name, cls in SCHEDULERS.items()]),
     }
+
+
+def _default(f) -> str:
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return "required" if value is dataclasses.MISSING else "none" if value is None else str(value)
 
 
 _BLOCK = re.compile(r"(<!-- registry:(\w+) -->\n)(?:.*?\n)?(<!-- /registry:\2 -->)", re.DOTALL)

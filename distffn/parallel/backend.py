@@ -74,6 +74,13 @@ class Backend:
     process_index: int = 0
     process_count: int = 1
     array_module = np                    # where :meth:`params` lives (NumPy or CuPy)
+    stop_signal: int = 0                 # a signal every trainer process agreed to stop on
+
+    def request_stop(self, signum: int):
+        """A signal reached this process: stop after the current step. Where several processes
+        run the trainer they must stop after the same step, so :attr:`stop_signal` is set only
+        once all of them know (MPI: at the next collective's handshake)."""
+        self.stop_signal = signum
 
     def placement(self) -> list[str]:
         """Where each worker runs (its Ray node id, else its host), for the run's records."""

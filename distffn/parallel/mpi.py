@@ -66,6 +66,12 @@ class MPIBackend(Backend):
                              self.rank, self.num_workers, xp)
         self.times, self._compute = StepTimes(), []
         self._seq = 0                      # collectives so far: the handshake's tag
+        self._wanted_stop = 0              # a signal this rank received, not yet agreed on
+
+    def request_stop(self, signum: int):
+        # a signal reaches the ranks at different steps; the next handshake tells every rank
+        # at once, so all of them finish that same step and checkpoint it
+        self._wanted_stop = signum
 
     def _limit_blas_threads(self, per_rank: int | None):
         """One BLAS thread pool per core: N ranks on one node share its cores."""
@@ -117,14 +123,17 @@ class MPIBackend(Backend):
         comm, tag = self.comm, self._seq % 32768          # MPI guarantees tags up to 32767
         deadline = time.monotonic() + self.timeout
         polls = 0
+        stop = self._wanted_stop
         if self.is_root:
             pending = {r: comm.irecv(source=r, tag=_ARRIVE) for r in range(1, self.num_workers)}
             while pending:
                 for r, q in list(pending.items()):
-                    done, theirs = q.test()          # lowercase: also returns the message
+                    done, message = q.test()          # lowercase: also returns the message
                     if not done:
                         continue
                     del pending[r]
+                    theirs, wanted = message
+                    stop = max(stop, wanted)
                     if theirs != tag:
                         raise WorkerTimeout(f"worker {r} (MPI rank{self._on([r])}) is out of step: rank 0 is at "
                                             f"collective {tag} ({what}), worker {r} at {theirs}")
@@ -133,15 +142,19 @@ class MPIBackend(Backend):
                                         f"{what} within scaling.timeout_s={self.timeout:g} s")
                 polls = _poll(polls)
             for r in range(1, self.num_workers):
-                comm.send(tag, dest=r, tag=_GO)
+                comm.send(stop, dest=r, tag=_GO)
         else:
-            comm.send(tag, dest=0, tag=_ARRIVE)
+            comm.send((tag, stop), dest=0, tag=_ARRIVE)
             req = comm.irecv(source=0, tag=_GO)
-            while not req.test()[0]:
+            while True:
+                done, stop = req.test()
+                if done:
+                    break
                 if time.monotonic() > deadline:
                     raise WorkerTimeout(f"worker 0 (MPI rank 0{self._on([0])}) did not answer at {what} "
                                         f"within scaling.timeout_s={self.timeout:g} s")
                 polls = _poll(polls)
+        self.stop_signal = self.stop_signal or stop
 
     def train_step(self, epoch, batch_index, batch_len, lr):
         MPI, comm = self.MPI, self.comm

@@ -154,24 +154,24 @@ class Trainer:
     # ---------------------------------------------------------------- signals
     def _catch_signals(self) -> dict:
         """SIGTERM (a scheduler's preemption, ``scancel``, ``ray job stop``) and SIGINT end the
-        run after the current step, checkpointed. A second one acts at once. MPI ranks stop
-        at once instead (stopping at different steps would break their collectives) and say
-        how to continue from the newest checkpoint."""
+        run after the current step, checkpointed; on MPI every rank stops after the same step
+        (the backend agrees on it). A second signal acts at once."""
         self._signal = None
         if threading.current_thread() is not threading.main_thread():
             return {}
-        handler = self._on_signal if self.backend.process_count == 1 else self._on_signal_mpi
-        return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def _on_signal_mpi(self, signum, frame):
-        """An MPI rank stops where it is (its peers may be mid-collective), saying how to go on."""
-        raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {self.state.step}; continue "
-                          f"from the newest checkpoint in {self.ckpt_dir} with: {self.resume_command}", signum)
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _on_signal(self, signum, frame):
-        self._signal = signum
-        self.stop(f"{signal.Signals(signum).name} received")
-        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+        self.backend.request_stop(signum)
+        if self.backend.process_count > 1:
+            signal.signal(signum, self._on_second_signal_mpi)
+        else:
+            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+
+    def _on_second_signal_mpi(self, signum, frame):
+        """A second signal: this rank stops where it is (its peers may be mid-collective)."""
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {self.state.step}; continue "
+                          f"from the newest checkpoint in {self.ckpt_dir} with: {self.resume_command}", signum)
 
     # ---------------------------------------------------------------- loop
     def _loop(self):
@@ -205,6 +205,9 @@ class Trainer:
                 self.train_seconds += self.epoch_seconds
                 self.train_samples += self.epoch_samples
                 self._new_epoch()
+            if backend.stop_signal and self._signal is None:       # every process at the same step
+                self._signal = backend.stop_signal
+                self.stop(f"{signal.Signals(self._signal).name} received")
         self.train_seconds += self.epoch_seconds       # an early stop ends an epoch part-way
         self.train_samples += self.epoch_samples
         backend.sync()

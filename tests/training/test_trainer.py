@@ -196,12 +196,13 @@ def test_an_extension_can_stop_the_run_early(tmp_path):
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-@pytest.mark.parametrize("scaling", [[], ["--set", "scaling.backend=ray", "--set", "scaling.num_workers=2"]],
-                         ids=["local", "ray"])
+@pytest.mark.parametrize("scaling", [[], ["--set", "scaling.backend=ray", "--set", "scaling.num_workers=2"],
+                                     ["--set", "scaling.backend=mpi", "--set", "scaling.num_workers=2"]],
+                         ids=["local", "ray", "mpi"])
 def test_a_signal_checkpoints_and_resume_continues_bit_for_bit(tmp_path, sig, code, scaling):
     """SIGTERM (preemption, scancel, ray job stop) or SIGINT: a checkpoint at the current step,
     exit 128 + signal with the command that continues; that command ends where an uninterrupted
-    run ends."""
+    run ends. On MPI the launcher passes the signal to the ranks, which agree on one step."""
     job = write_equiv_job(tmp_path, training={"epochs": 400})
     cut, full = tmp_path / "cut", tmp_path / "full"
     cmd = [sys.executable, "-m", "distffn", "run", job, "--no-progress", *scaling]
