@@ -208,7 +208,10 @@ def cmd_status(args) -> int:
 def _status_lines(s: dict) -> list[str]:
     """``RUNNING  ID  detail``, then the progress the run directory shows."""
     lines = [f"{s['state']}  {s['id']}  ({s['detail']})"]
-    if s.get("step") is None:
+    if not os.path.isdir(s["run_dir"]):
+        lines.append(f"  run directory {s['run_dir']} is not visible from here (progress needs a "
+                     f"filesystem shared with the cluster)")
+    elif s.get("step") is None:
         lines.append(f"  no progress written yet to {s['run_dir']}")
     else:
         spe, epochs = s.get("steps_per_epoch"), s.get("epochs")

@@ -11,7 +11,16 @@ import tempfile
 from ..data.prepare import prepare_data
 from ..optim import OPTIMIZERS
 from ..xp import get_array_module
-from .mpi_env import MPI_RESULT_ENV, check_mpi4py, find_mpiexec, network_env, under_mpi, world
+from .mpi_env import (
+    MPI_RESULT_ENV,
+    check_mpi4py,
+    find_mpiexec,
+    network_env,
+    remove_orphaned_segments,
+    shared_memory_segments,
+    under_mpi,
+    world,
+)
 from .resources import check_cores, check_memory, note
 from .watchdog import die_with_parent
 
@@ -61,12 +70,14 @@ def maybe_relaunch_under_mpi(job, argv: list[str], checks=(), env=None) -> int |
                sys.executable, "-m", "distffn.cli", *argv]
         fd, result = tempfile.mkstemp(prefix="distffn-mpi-result-")
         os.close(fd)
+        segments = shared_memory_segments()
         try:
             code, signalled = _run_mpiexec(cmd, dict(env, **{MPI_RESULT_ENV: result}))
             with open(result) as f:
                 written = f.read().strip()
         finally:
             os.unlink(result)
+            remove_orphaned_segments(segments)      # what killed ranks could not remove
         if not written and not signalled:
             # gforker reports 0 when it ended the ranks itself after one was killed
             note(f"the MPI ranks ended (mpiexec exit code {code}) before rank 0 finished: a rank was lost")

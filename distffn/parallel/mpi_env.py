@@ -8,6 +8,7 @@ Between nodes MPI needs a network, which the user names (``scaling.interface``).
 """
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 import shutil
@@ -71,3 +72,34 @@ def find_mpiexec(single_node: bool = False) -> str:
         raise UserError("scaling.backend: 'mpi' needs mpiexec; install the embedded MPI with "
                         "pip install -e \".[mpi]\" or put your cluster's mpiexec on PATH")
     return found
+
+
+SHM_SEGMENTS = "/dev/shm/mpich_shm_*"      # MPICH's shared-memory segments on a node
+
+
+def shared_memory_segments() -> set[str]:
+    return set(glob.glob(SHM_SEGMENTS))
+
+
+def remove_orphaned_segments(before: set[str]) -> list[str]:
+    """MPICH leaves its ``/dev/shm`` segments behind when a rank is killed; remove those that
+    appeared since ``before`` and that no live process maps (another job's stay). The removed
+    paths."""
+    new = shared_memory_segments() - before
+    if not new:
+        return []
+    mapped = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                mapped.update(line.split(None, 5)[-1].strip() for line in f if "/dev/shm/" in line)
+        except OSError:
+            continue
+    removed = []
+    for path in sorted(new - mapped):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed

@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 
+from distffn.parallel.mpi_env import shared_memory_segments
+
 from helpers import (
     MPIEXEC,
     assert_same_model,
@@ -36,9 +38,12 @@ def test_distffns_launcher_restarts_lost_mpi_ranks_and_the_run_ends_bit_for_bit(
                           failure={"max_failures": 1}, scaling={"backend": "mpi", "num_workers": 2, "timeout_s": 4})
     cut, full = tmp_path / "cut", tmp_path / "full"
     cmd = [sys.executable, "-m", "distffn", "run", job, "--no-progress"]
+    segments = shared_memory_segments()
     r, victim = kill_a_worker_mid_run(cmd + ["--out", str(cut)], str(cut))
     assert r.returncode == 0, r.stderr
     assert "restart 1 of 1 (failure.max_failures) from the newest checkpoint" in r.stderr
+    # the killed rank's MPICH segment is removed by the launcher, not left in /dev/shm
+    assert shared_memory_segments() - segments == set()
     assert victim not in [w["pid"] for w in json.loads((cut / "workers.json").read_text())]
     assert subprocess.run(cmd + ["--out", str(full)], capture_output=True, timeout=300).returncode == 0
     a, b = final_model(full)[0], final_model(cut)[0]
