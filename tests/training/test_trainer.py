@@ -261,3 +261,6 @@ def test_without_max_failures_a_killed_ray_worker_fails_fast_naming_it(tmp_path)
     r, _ = kill_a_worker_mid_run([sys.executable, "-m", "distffn", "run", job, "--no-progress", "--out", str(out)],
                                  str(out), after_checkpoints=2)
     assert r.returncode == 1 and f"worker 1 on {socket.gethostname()}" in r.stderr and "restart" not in r.stderr, r.stderr
+    # one line naming the worker: no Python traceback, no SIGABRT dump of the surviving actors
+    for noise in ("Traceback", "SIGABRT", "Fatal Python error", "*** "):
+        assert noise not in r.stderr, r.stderr
