@@ -293,6 +293,9 @@ def main(argv=None) -> int:
         if not _rank_prefix():                   # every rank stops alike; rank 0 says so once
             print(f"distffn: {e}", file=sys.stderr)
         return _end(e.exit_code, abort=False)
+    except BrokenPipeError:                      # `distffn logs ID | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("distffn: interrupted; continue with `distffn run JOB.yaml --resume`", file=sys.stderr)
         return _end(130, abort=False)

@@ -444,6 +444,25 @@ def session_listeners(sessions) -> set:
             for name, pid in re.findall(r'\("([^"]+)",pid=(\d+)', line) if _session_of(int(pid)) in sessions}
 
 
+def processes_naming(path: str, within_s: float = 0.0) -> list[int]:
+    """Live pids whose command line names ``path`` (a run directory; read from /proc, nothing
+    is killed), waiting up to ``within_s`` for them to be gone."""
+    deadline = time.monotonic() + within_s
+    while True:
+        found = [pid for pid, p in process_table().items() if p.state != "Z" and _cmdline_names(pid, path)]
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.3)
+
+
+def _cmdline_names(pid: int, path: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return path.encode() in f.read()
+    except OSError:
+        return False
+
+
 def listeners_during(cmd, timeout, env=None, every_s=0.2):
     """Run ``cmd`` in a session of its own and sample, while it runs, every TCP/UDP socket that
     a process of that session listens on (``ss -ltunp``). Returns (CompletedProcess, {(address,

@@ -46,7 +46,8 @@ COMMAND_TIMEOUT_S = 30
 # SLURM's job states in Ray Jobs' words
 _STATES = {
     "PENDING": PENDING, "CONFIGURING": PENDING, "REQUEUED": PENDING, "REQUEUE_HOLD": PENDING,
-    "REQUEUE_FED": PENDING, "RESV_DEL_HOLD": PENDING, "SUSPENDED": PENDING, "STOPPED": PENDING,
+    "REQUEUE_FED": PENDING, "RESV_DEL_HOLD": PENDING,
+    "SUSPENDED": RUNNING, "STOPPED": RUNNING,          # SLURM's STOPPED is a pause (SIGSTOP), not an end
     "RESIZING": RUNNING, "RUNNING": RUNNING, "COMPLETING": RUNNING, "SIGNALING": RUNNING,
     "STAGE_OUT": RUNNING, "COMPLETED": SUCCEEDED, "CANCELLED": STOPPED, "PREEMPTED": STOPPED,
     "FAILED": FAILED, "TIMEOUT": FAILED, "NODE_FAIL": FAILED, "OUT_OF_MEMORY": FAILED,
@@ -148,12 +149,16 @@ class Slurm(Scheduler):
         if p.gpus_per_node and job.scaling.use_gpu:
             directives.append(f"#SBATCH --gres=gpu:{p.gpus_per_node}")
         run = run_command(p.command, os.path.join(stage_dir(record.id), "job.yaml"), record.run_dir)
-        # on one node distffn starts its own mpiexec (and can restart ranks); across nodes srun does
+        # on one node distffn starts its own mpiexec (and can restart ranks); across nodes srun
+        # does, with --mpi=pmi2 (the pip MPICH speaks PMI-2; without it each task is an MPI world
+        # of one). srun answers SIGTERM by SIGKILLing its tasks but passes SIGUSR1 on, and the
+        # run takes SIGUSR1 as a forwarded SIGTERM
         launch = run if p.nodes == 1 else f"srun --kill-on-bad-exit=1 --mpi=pmi2 {run}"
+        forward = "TERM" if p.nodes == 1 else "USR1"
         values = {"job_id": record.id, "template": path, "run_dir": record.run_dir, "nodes": p.nodes,
                   "tasks_per_node": p.tasks_per_node, "cpus_per_task": p.cpus_per_task, "time": p.time,
                   "directives": "\n".join(directives), "setup": "\n".join(p.setup), "launch": launch,
-                  "resume": "--resume" if record.resume else '""',
+                  "resume": "--resume" if record.resume else '""', "forward_signal": forward,
                   "resume_command": shlex.quote(resume_command(record))}
         with open(path) as f:
             text = f.read()
@@ -182,7 +187,7 @@ class Slurm(Scheduler):
     def _native_state(self, job_id: str) -> tuple[Optional[str], str]:
         """(SLURM's state word, exit code) from squeue, scontrol or sacct; (None, "") when no
         record of the job is left."""
-        r = _run(["squeue", "-h", "-j", job_id, "-o", "%T"], "status")
+        r = _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], "status")
         if r.returncode == 0 and r.stdout.strip():
             return r.stdout.split()[0], ""
         r = _run(["scontrol", "show", "job", "-o", job_id], "status")

@@ -35,6 +35,9 @@ def check_run_dir(out_dir: str, resume: bool):
                         f"continue it, or --out to start a new run elsewhere")
 
 
+DUPLICATE_SIGNAL_S = 2.0    # a signal this soon after the first is the same request, delivered twice
+
+
 class Trainer:
     """Runs one job to completion; on MPI every rank runs it and rank 0 writes the files.
 
@@ -156,22 +159,31 @@ class Trainer:
         """SIGTERM (a scheduler's preemption, ``scancel``, ``ray job stop``) and SIGINT end the
         run after the current step, checkpointed; on MPI every rank stops after the same step
         (the backend agrees on it). A second signal acts at once."""
-        self._signal = None
+        self._signal, self._first_signal_at = None, None
         if threading.current_thread() is not threading.main_thread():
             return {}
-        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
 
     def _on_signal(self, signum, frame):
-        self.backend.request_stop(signum)
-        if self.backend.process_count > 1:
-            signal.signal(signum, self._on_second_signal_mpi)
-        else:
-            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
-
-    def _on_second_signal_mpi(self, signum, frame):
-        """A second signal: this rank stops where it is (its peers may be mid-collective)."""
-        raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {self.state.step}; continue "
-                          f"from the newest checkpoint in {self.ckpt_dir} with: {self.resume_command}", signum)
+        if signum == signal.SIGUSR1:            # a SIGTERM forwarded through srun (which would SIGKILL on TERM)
+            signum = signal.SIGTERM
+        now = time.monotonic()
+        if self._first_signal_at is None:
+            self._first_signal_at = now
+            self.backend.request_stop(signum)
+            return
+        # batch systems signal a whole process tree (scancel: the batch script, the launcher and
+        # the ranks), so one request often arrives twice within milliseconds: that is not a
+        # second request
+        if now - self._first_signal_at < DUPLICATE_SIGNAL_S:
+            return
+        if self.backend.process_count > 1:       # this rank stops where it is
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {self.state.step}; continue "
+                              f"from the newest checkpoint in {self.ckpt_dir} with: {self.resume_command}", signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     # ---------------------------------------------------------------- loop
     def _loop(self):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -16,6 +15,7 @@ from helpers import (
     free_port,
     is_loopback,
     processes_in_sessions,
+    processes_naming,
     run_group,
     session_listeners,
     write_job,
@@ -127,7 +127,7 @@ def test_stop_checkpoints_and_leaves_no_training_process(client, tmp_path):
     assert steps[-1] > 0 and steps[-1] == json.load(open(os.path.join(run_dir, "summary.json")))["step"]
     assert "stopped by SIGTERM" in client("logs", job_id).stdout
     assert _alive(workers, within_s=15) == [], "a Ray worker of the stopped job is still alive"
-    assert _running_in(run_dir, within_s=15) == [], "a process of the stopped job is still alive"
+    assert processes_naming(run_dir, within_s=15) == [], "a process of the stopped job is still alive"
 
 
 def test_unknown_id_and_invalid_spec_exit_2(client, tmp_path):
@@ -173,20 +173,3 @@ def _state(pid):
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
-
-
-def _running_in(run_dir, within_s):
-    """Processes whose command line names the run directory (read from /proc, nothing killed)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if run_dir.encode() in f.read() and _state(pid) != "Z":
-                        found.append(int(pid))
-            except OSError:
-                pass
-        if not found or time.monotonic() > deadline:
-            return found
-        subprocess.run(["sleep", "0.3"])

@@ -1,0 +1,167 @@
+"""`distffn submit/status/logs/stop` against a real single-node SLURM (Debian's slurm-wlm and
+munge: munged, slurmctld, slurmd as root), started by `cluster/slurm/local-cluster.sh up` in a
+folder of this module's own and stopped by the pids in its pid files."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from helpers import EQUIV_JOB, REPO, final_model, free_port, processes_naming, run_group, write_job
+
+SCRIPT = os.path.join(REPO, "cluster", "slurm", "local-cluster.sh")
+DIGITS_2 = {"name": "digits2", "data": {"dataset": "digits"}, "model": {"layers": [64, 32, 10]},
+            "training": {"epochs": 3, "batch_size": 64}}
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A SLURM of this module's own; yields the environment its clients need."""
+    assert shutil.which("slurmctld") and shutil.which("munged"), \
+        "SLURM's daemons are missing: apt-get install -y slurm-wlm munge (.ci/run does)"
+    # munged wants every folder above its socket searchable by all (pytest's are 0700)
+    state = pathlib.Path(tempfile.mkdtemp(prefix="distffn-slurm-", dir="/tmp"))
+    state.chmod(0o755)
+    ctld = free_port()
+    env = {**os.environ, "DISTFFN_SLURMCTLD_PORT": str(ctld), "DISTFFN_SLURMD_PORT": str(free_port()),
+           "DISTFFN_SRUN_PORTS": "18820-18899", "DISTFFN_SLURM_KILLWAIT": "20",
+           "DISTFFN_SLURM_CRED_EXPIRE": "5",
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    up = run_group([SCRIPT, "up", str(state)], timeout=90, env=env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    try:
+        yield env
+    finally:
+        down = run_group([SCRIPT, "down", str(state)], timeout=120, env=env)
+        assert down.returncode == 0, down.stdout + down.stderr
+        status = run_group([SCRIPT, "status", str(state)], timeout=30, env=env)
+        assert "running" not in status.stdout.replace("not running", ""), status.stdout
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def client(slurm, tmp_path):
+    """Runs `distffn ARGS` as a user of this SLURM, with a $DISTFFN_HOME of its own and a
+    profile whose runs go under tmp_path."""
+    profile = tmp_path / "slurm.yaml"
+    profile.write_text(f"kind: slurm\npartition: debug\nnodes: 1\ntasks_per_node: 2\ntime: '00:10:00'\n"
+                       f"command: {sys.executable} -m distffn\nruns: {tmp_path / 'runs'}\n")
+    user = {**slurm, "DISTFFN_HOME": str(tmp_path / "home")}
+
+    def distffn(*args, timeout=120):
+        return run_group([sys.executable, "-m", "distffn", *map(str, args)], timeout=timeout, env=user)
+    distffn.profile = profile
+    distffn.env = user
+    return distffn
+
+
+def status_of(distffn, job_id) -> dict:
+    r = distffn("status", job_id, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def wait_for(distffn, job_id, done, timeout=240):
+    deadline = time.monotonic() + timeout
+    while True:
+        status = status_of(distffn, job_id)
+        if done(status) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def submit(distffn, job, *args):
+    r = distffn("submit", job, "--cluster", distffn.profile, *args)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_a_two_worker_job_succeeds_and_leaves_its_run_directory(client, tmp_path):
+    job_id = submit(client, write_job(tmp_path, DIGITS_2))
+    status = wait_for(client, job_id, lambda s: s["state"] in {"SUCCEEDED", "FAILED", "STOPPED"})
+    assert status["state"] == "SUCCEEDED", (status, client("logs", job_id).stdout)
+    assert "COMPLETED" in status["detail"] and "0:0" in status["detail"]
+    run_dir = status["run_dir"]
+    assert status["num_workers"] == 2 and status["epoch"] == 3 and status["metrics"]["test_accuracy"] > 0.5
+    assert os.listdir(os.path.join(run_dir, "checkpoints"))
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["num_workers"] == 2 and summary["backend"] == "mpi"
+    logs = client("logs", job_id).stdout
+    assert logs.count("epoch ") >= 3 and "  1/3  step" in logs and "done:" in logs
+    assert os.path.isfile(os.path.join(run_dir, f"slurm-{status['native_id']}.out"))
+    assert client("status", job_id).stdout.startswith("SUCCEEDED ")
+    assert client("jobs").stdout.startswith(f"{job_id}  slurm")
+
+
+def test_stop_checkpoints_the_current_step_and_leaves_no_process(client, tmp_path):
+    job = write_job(tmp_path, {**DIGITS_2, "training": {"epochs": 100000, "batch_size": 64},
+                               "checkpoint": {"every_steps": 1000000}})
+    job_id = submit(client, job)
+    status = wait_for(client, job_id, lambda s: (s.get("step") or 0) >= 30 or s["state"] not in {"PENDING", "RUNNING"})
+    assert status["state"] == "RUNNING", status
+    r = client("stop", job_id)
+    assert r.returncode == 0 and r.stdout.startswith("STOPPED "), r.stdout + r.stderr
+    status = status_of(client, job_id)
+    assert status["state"] == "STOPPED" and "CANCELLED" in status["detail"]
+    assert "exit code 143" in status["detail"]                  # the run ended itself, not SIGKILL
+    run_dir = status["run_dir"]
+    steps = sorted(int(n[5:13]) for n in os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert steps[-1] >= 30 and steps[-1] == json.load(open(os.path.join(run_dir, "summary.json")))["step"]
+    logs = client("logs", job_id).stdout
+    assert f"stopped by SIGTERM after step {steps[-1]}" in logs
+    assert f"distffn submit {job} --cluster {client.profile} --out {run_dir}" in logs   # how to go on
+    assert processes_naming(run_dir, within_s=15) == []
+
+
+def test_a_requeued_job_resumes_by_itself_and_ends_bit_for_bit(client, tmp_path):
+    """`scontrol requeue` (what preemption with PreemptMode=REQUEUE does): SIGTERM, the run
+    checkpoints; the job runs again with SLURM_RESTART_COUNT=1 and --resume; its final model
+    equals an uninterrupted run's."""
+    job = write_job(tmp_path, EQUIV_JOB, training={"epochs": 3000}, checkpoint={"every_steps": 1000000})
+    job_id = submit(client, job)
+    status = wait_for(client, job_id, lambda s: (s.get("step") or 0) >= 300 or s["state"] not in {"PENDING", "RUNNING"})
+    assert status["state"] == "RUNNING", status
+    requeue = subprocess.run(["scontrol", "requeue", status["native_id"]], capture_output=True, text=True,
+                             env=client.env, timeout=30)
+    assert requeue.returncode == 0, requeue.stderr
+    status = wait_for(client, job_id, lambda s: s["state"] in {"SUCCEEDED", "FAILED", "STOPPED"}, timeout=300)
+    logs = client("logs", job_id).stdout
+    assert status["state"] == "SUCCEEDED", (status, logs)
+    assert "requeued (restart 1)" in logs and "resuming from" in logs
+    full = tmp_path / "full"
+    r = run_group([sys.executable, "-m", "distffn", "run", job, "--no-progress", "--out", str(full),
+                   "--set", "scaling.backend=mpi", "--set", "scaling.num_workers=2"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    a, b = final_model(full)[0], final_model(status["run_dir"])[0]
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_bad_input_exits_2_before_anything_reaches_the_queue(client, tmp_path):
+    r = client("status", "no-such-job-123456")
+    assert r.returncode == 2 and "no such job" in r.stderr and "Traceback" not in r.stderr
+    bad = write_job(tmp_path, {**DIGITS_2, "training": {"epochs": 0}})
+    r = client("submit", bad, "--cluster", client.profile)
+    assert r.returncode == 2 and "training.epochs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    profile = tmp_path / "bad.yaml"
+    for text, field in (("kind: slurm\ntime: soon\n", "time"), ("kind: slurm\nnodes: 0\n", "nodes"),
+                        ("kind: slurm\npartitions: debug\n", "partitions"), ("kind: pbs\n", "kind")):
+        profile.write_text(text)
+        r = client("submit", write_job(tmp_path, DIGITS_2), "--cluster", profile)
+        assert r.returncode == 2 and f"{profile}: {field}" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    profile.write_text("kind: slurm\npartition: nosuchpartition\n")
+    r = client("submit", write_job(tmp_path, DIGITS_2), "--cluster", profile)
+    assert r.returncode == 2 and "sbatch refused" in r.stderr and "partition" in r.stderr.lower(), r.stderr
+    assert client("jobs").stdout == ""                        # nothing was submitted
+    queue = subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=client.env, timeout=30)
+    assert queue.stdout.strip() == ""
