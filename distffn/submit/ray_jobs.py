@@ -124,7 +124,8 @@ class RayJobs(Scheduler):
             raise UserError(f"{self.source}: kind ray needs Ray's job SDK; install it with "
                             f"pip install -e \".[cluster]\" (ray[default])") from None
         # the SDK's INFO lines ("Uploading package ...") are not the user's business
-        logging.getLogger("ray").setLevel(logging.WARNING)
+        for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):   # the SDK sets its own level
+            logging.getLogger(name).setLevel(logging.WARNING)
         token, origin = find_token()
         headers = {"Authorization": f"Bearer {token}"} if token else None
         address = self.profile.address

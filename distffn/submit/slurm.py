@@ -1,7 +1,7 @@
 """``kind: slurm``: jobs through a SLURM queue: ``sbatch --parsable`` of a batch script rendered
 from a template (``cluster/slurm/job.sbatch``, which users may copy and change), state from
-``squeue``, then ``scontrol`` (a finished job stays there for ``MinJobAge``), then ``sacct``
-(where accounting exists), and ``scancel`` to stop.
+``scontrol show job`` (a finished job stays there for ``MinJobAge``), then ``sacct`` (where
+accounting exists), and ``scancel`` to stop.
 
 The run directory, the staged job spec and ``data.path`` must be on a filesystem the nodes
 share (the usual SLURM setup); the batch script's output goes to ``RUN_DIR/slurm-<jobid>.out``.
@@ -91,7 +91,7 @@ def _first_line(text: str) -> str:
 
 @SCHEDULERS.named("slurm")
 class Slurm(Scheduler):
-    """a SLURM queue: sbatch, squeue/scontrol/sacct, scancel"""
+    """a SLURM queue: sbatch, scontrol/sacct, scancel"""
 
     Profile = SlurmProfile
 
@@ -185,15 +185,14 @@ class Slurm(Scheduler):
 
     # ---------------------------------------------------------------- state
     def _native_state(self, job_id: str) -> tuple[Optional[str], str]:
-        """(SLURM's state word, exit code) from squeue, scontrol or sacct; (None, "") when no
-        record of the job is left."""
-        r = _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], "status")
-        if r.returncode == 0 and r.stdout.strip():
-            return r.stdout.split()[0], ""
+        """(SLURM's state word, exit code once it ended) from ``scontrol show job`` (which also
+        keeps finished jobs, for ``MinJobAge``), else ``sacct``; (None, "") when no record of the
+        job is left."""
         r = _run(["scontrol", "show", "job", "-o", job_id], "status")
         if r.returncode == 0 and "JobState=" in r.stdout:
             fields = dict(re.findall(r"(\w+)=(\S*)", r.stdout))
-            return fields.get("JobState"), fields.get("ExitCode", "")
+            state = fields.get("JobState")
+            return state, fields.get("ExitCode", "") if _STATES.get(state) in FINISHED else ""
         if shutil.which("sacct"):
             r = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode"], "status")
             line = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
