@@ -3,10 +3,13 @@ outside mpiexec runs the same command under ``mpiexec -n N``."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 
 from ..data.prepare import prepare_data
 from ..optim import OPTIMIZERS
@@ -72,32 +75,61 @@ def maybe_relaunch_under_mpi(job, argv: list[str], checks=(), env=None) -> int |
         os.close(fd)
         segments = shared_memory_segments()
         try:
-            code, signalled = _run_mpiexec(cmd, dict(env, **{MPI_RESULT_ENV: result}))
+            code, signalled, ended = _run_mpiexec(cmd, dict(env, **{MPI_RESULT_ENV: result}))
             with open(result) as f:
                 written = f.read().strip()
         finally:
             os.unlink(result)
             remove_orphaned_segments(segments)      # what killed ranks could not remove
+        lost = None
         if not written and not signalled:
             # gforker reports 0 when it ended the ranks itself after one was killed
-            note(f"the MPI ranks ended (mpiexec exit code {code}) before rank 0 finished: a rank was lost")
+            lost = _lost_rank(ended) or f"a rank was lost (mpiexec exit code {code})"
             code = 1
         elif written:
             code = int(written)
         # success, a user error, or a stop this launcher was asked for end here; anything else is a
         # lost rank (gforker ends the survivors with SIGINT, so their 130 is not the user's)
         if signalled or code in (0, 2) or (limit != -1 and failures >= limit):
+            if lost:
+                print(f"distffn: error: {lost} before the run finished", file=sys.stderr, flush=True)
             return code
         failures += 1
-        note(f"the MPI ranks ended with exit code {code}; restart {failures} of "
+        note(f"{lost or f'the MPI ranks ended with exit code {code}'}; restart {failures} of "
              f"{'unlimited' if limit == -1 else limit} (failure.max_failures) from the newest checkpoint")
         if "--resume" not in argv:
             argv = [*argv, "--resume"]
 
 
-def _run_mpiexec(cmd, env) -> tuple[int, bool]:
-    """Run ``cmd``; (its exit code, whether this launcher was asked to stop meanwhile)."""
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)    # no orphans if we die
+# gforker's line for each rank that ended: "[0]1:Return code = 0, signaled with Killed"
+_RANK_ENDED = re.compile(r"^\[\d+\](\d+):Return code = (-?\d+)(?:, signaled with (\w+))?\s*$")
+_GFORKER_OWN = {"Quit", "Interrupt", "Terminated"}       # how gforker ends the survivors itself
+_SIGNAL_WORDS = {"Killed": "SIGKILL", "Aborted": "SIGABRT", "Segmentation": "SIGSEGV", "Bus": "SIGBUS",
+                 "Hangup": "SIGHUP", "Illegal": "SIGILL", "Floating": "SIGFPE"}   # strsignal()'s first word
+
+
+def _lost_rank(ended: dict) -> str | None:
+    """``worker 1 (MPI rank 1 on HOST) was killed by SIGKILL`` from gforker's report of how each
+    rank ended, for the rank that ended first on its own (not by gforker's clean-up)."""
+    for rank, how in sorted(ended.items()):
+        if how not in _GFORKER_OWN and how != "0":
+            cause = (f"exited with code {how}" if how.lstrip("-").isdigit()
+                     else f"was killed by {_SIGNAL_WORDS.get(how, f'a signal ({how})')}")
+            return f"worker {rank} (MPI rank {rank} on {socket.gethostname()}) {cause}"
+    return None
+
+
+def _run_mpiexec(cmd, env) -> tuple[int, bool, dict]:
+    """Run ``cmd``; (its exit code, whether this launcher was asked to stop meanwhile, how each
+    rank ended as gforker reports it: {rank: signal name or exit code})."""
+    # gforker's output passes through here, so its per-rank report can name a lost rank
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent,         # no orphans if we die
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ended: dict = {}
+    pumps = [threading.Thread(target=_pump, args=(pipe, out, ended), daemon=True)
+             for pipe, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+    for t in pumps:
+        t.start()
     signalled = []
 
     def forward(sig, frame):            # a scheduler's SIGTERM reaches mpiexec, which stops its ranks
@@ -105,10 +137,27 @@ def _run_mpiexec(cmd, env) -> tuple[int, bool]:
         proc.send_signal(sig)
     previous = signal.signal(signal.SIGTERM, forward)
     try:
-        return proc.wait(), bool(signalled)
+        code = proc.wait()
+        result = code, bool(signalled)
     except KeyboardInterrupt:
         proc.send_signal(signal.SIGINT)
         proc.wait()
-        return 130, True
+        result = 130, True
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for t in pumps:
+            t.join(timeout=5)
+    return (*result, ended)
+
+
+def _pump(pipe, out, ended: dict):
+    """Copy the ranks' output through, line by line, keeping gforker's per-rank reports aside."""
+    for raw in iter(pipe.readline, b""):
+        line = raw.decode(errors="replace")
+        m = _RANK_ENDED.match(line)
+        if m:
+            ended[int(m.group(1))] = m.group(3) or m.group(2)
+            continue
+        out.write(line)
+        out.flush()
+    pipe.close()

@@ -34,6 +34,7 @@ from .scheduler import (
 )
 
 TOKEN_ENV, TOKEN_PATH_ENV, TOKEN_FILE = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"
+AGENT_WAIT_S = 60          # for the job agent of a head that has just started
 RUNTIME_ENV_KEYS = ("working_dir", "pip", "env_vars", "excludes", "py_modules")
 
 
@@ -154,12 +155,15 @@ class RayJobs(Scheduler):
         try:
             return fn(*args)
         except RuntimeError as e:        # the SDK's answer to a 4xx/5xx
-            text = str(e)
-            if "does not exist" in text or "404" in text:
-                raise UserError(f"{what}: the cluster at {self.profile.address} does not know this "
-                                f"job (was the cluster restarted?)") from None
-            raise UserError(f"{what}: the job server at {self.profile.address} refused: "
-                            f"{text.splitlines()[0][:300]}") from None
+            raise self._refused(what, e) from None
+
+    def _refused(self, what: str, e: RuntimeError) -> UserError:
+        text = str(e)
+        if "does not exist" in text or "404" in text:
+            return UserError(f"{what}: the cluster at {self.profile.address} does not know this "
+                             f"job (was the cluster restarted?)")
+        return UserError(f"{what}: the job server at {self.profile.address} refused: "
+                         f"{text.splitlines()[0][:300]}")
 
     # ---------------------------------------------------------------- the verbs
     def submit(self, record, job) -> str:
@@ -195,9 +199,18 @@ class RayJobs(Scheduler):
                                              else job.scaling.num_workers)
         if p.entrypoint_resources:
             kwargs["entrypoint_resources"] = p.entrypoint_resources
-        return self._call("submit", lambda: client.submit_job(
-            entrypoint=record.command, submission_id=record.id, runtime_env=env,
-            entrypoint_num_cpus=cpus, metadata={"distffn_run_dir": record.run_dir}, **kwargs))
+        kwargs.update(entrypoint=record.command, submission_id=record.id, runtime_env=env,
+                      entrypoint_num_cpus=cpus, metadata={"distffn_run_dir": record.run_dir})
+        # a head that has just started answers before its job agent is up ("No available agent
+        # to submit job, please try again later"): wait for it, a while
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                return client.submit_job(**kwargs)
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise self._refused("submit", e) from None
+            time.sleep(1)
 
     def status(self, record) -> JobState:
         info = self._call(record.id, self._client().get_job_info, record.native_id)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -42,6 +43,7 @@ def test_distffns_launcher_restarts_lost_mpi_ranks_and_the_run_ends_bit_for_bit(
     r, victim = kill_a_worker_mid_run(cmd + ["--out", str(cut)], str(cut))
     assert r.returncode == 0, r.stderr
     assert "restart 1 of 1 (failure.max_failures) from the newest checkpoint" in r.stderr
+    assert f"worker 1 (MPI rank 1 on {socket.gethostname()}) was killed by SIGKILL; restart 1 of 1" in r.stderr
     # the killed rank's MPICH segment is removed by the launcher, not left in /dev/shm
     assert shared_memory_segments() - segments == set()
     assert victim not in [w["pid"] for w in json.loads((cut / "workers.json").read_text())]
@@ -49,6 +51,19 @@ def test_distffns_launcher_restarts_lost_mpi_ranks_and_the_run_ends_bit_for_bit(
     a, b = final_model(full)[0], final_model(cut)[0]
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@needs_mpi
+def test_without_max_failures_a_killed_rank_fails_fast_naming_it(tmp_path):
+    job = write_equiv_job(tmp_path, training={"epochs": 300}, scaling={"backend": "mpi", "num_workers": 2})
+    out = tmp_path / "run"
+    r, _ = kill_a_worker_mid_run([sys.executable, "-m", "distffn", "run", job, "--no-progress", "--out", str(out)],
+                                 str(out), after_checkpoints=2)
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("distffn: error:")]
+    assert errors == [f"distffn: error: worker 1 (MPI rank 1 on {socket.gethostname()}) was killed by SIGKILL "
+                      f"before the run finished"], r.stderr
+    assert "Return code" not in r.stderr and "restart" not in r.stderr       # gforker's report is read, not shown
 
 
 @needs_mpi

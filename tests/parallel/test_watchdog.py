@@ -19,7 +19,6 @@ from helpers import processes_in_sessions, write_equiv_job
 def test_sigkill_of_the_driver_leaves_no_process_behind(tmp_path, backend):
     job = write_equiv_job(tmp_path, training={"epochs": 100_000})
     out = tmp_path / "run"
-    before = {p for p in os.listdir("/tmp") if p.startswith("distffn-ray-")}
     driver = subprocess.Popen([sys.executable, "-m", "distffn", "run", job, "--out", str(out), "--no-progress",
                                "--set", f"scaling.backend={backend}", "--set", "scaling.num_workers=2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -30,15 +29,32 @@ def test_sigkill_of_the_driver_leaves_no_process_behind(tmp_path, backend):
             time.sleep(0.1)
         time.sleep(1)
         started = _descendants(driver.pid, process_table())
-        temp = {p for p in os.listdir("/tmp") if p.startswith("distffn-ray-")} - before
+        temp = _watched_folders(driver.pid)    # this run's (other runs may be going on meanwhile)
         assert len(started) >= 3                                  # mpiexec + 2 ranks; or Ray's many
         assert len(temp) == (1 if backend == "ray" else 0)
         driver.kill()
         driver.wait()
         assert not processes_in_sessions({driver.pid}, within_s=10), "orphans outlived the driver by 10 s"
-        assert not [p for p in temp if os.path.exists(os.path.join("/tmp", p))]    # the watchdog removed it
+        assert not [p for p in temp if os.path.exists(p)]          # the watchdog removed it
     finally:
         try:
             os.killpg(driver.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _watched_folders(driver_pid: int) -> list[str]:
+    """The temp folders that a watchdog of ``driver_pid`` guards (from its command line:
+    ``-m distffn.parallel.watchdog PID FOLDER``)."""
+    found = []
+    for pid in process_table():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "distffn.parallel.watchdog" in args:
+            i = args.index("distffn.parallel.watchdog")
+            if args[i + 1:i + 2] == [str(driver_pid)]:
+                found += args[i + 2:i + 3]
+    return found
