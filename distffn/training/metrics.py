@@ -27,6 +27,15 @@ def write_json(path: str, obj) -> None:
         raise StorageFailed(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def append_record(path: str, record: dict) -> None:
+    """One JSON line appended to ``metrics.jsonl`` at ``path``."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise StorageFailed(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def rate(totals: Totals, what: str):
     """Mean loss or accuracy of exact totals (None without samples)."""
     if totals is None or totals.count == 0:
@@ -92,11 +101,7 @@ class MetricsLog(Extension):
 
     def _write(self, trainer, record: dict):
         if trainer.is_root:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:
-                raise StorageFailed(f"cannot write {self.path}: {e.strerror or e}") from None
+            append_record(self.path, record)
 
     def initialize(self, trainer):
         job, backend, state = trainer.job, trainer.backend, trainer.state
@@ -110,7 +115,8 @@ class MetricsLog(Extension):
             "event": "start", "num_params": trainer.model.num_params, "num_workers": backend.num_workers,
             "backend": job.scaling.backend, "aggregation": job.scaling.aggregation, "n_train": trainer.n_train, "n_test": trainer.n_test,
             "steps_per_epoch": trainer.steps_per_epoch, "start_step": state.step, "placement": placement,
-            "data_source": trainer.data_source})
+            "data_source": trainer.data_source, **({"n_validation": trainer.n_validation}
+                                                   if trainer.n_validation else {})})
         self.echo(f"{job.name}: {trainer.model.num_params:,} parameters, {trainer.n_train:,} training / "
                   f"{trainer.n_test:,} test samples, {job.training.epochs} epochs of "
                   f"{trainer.steps_per_epoch} steps, {backend.num_workers} worker(s) on {job.scaling.backend}"
@@ -119,12 +125,18 @@ class MetricsLog(Extension):
 
     def _test_fields(self, trainer) -> dict:
         """The test figures if Θ was evaluated after this very step, else nulls."""
-        test = trainer.observation.get("test") if trainer.observation.get("test_step") == trainer.state.step else None
+        now = trainer.observation.get("test_step") == trainer.state.step
+        test = trainer.observation.get("test") if now else None
         classify = trainer.classifies
-        return {"test_loss": rate(test, "loss"),
-                "test_accuracy": rate(test, "acc") if classify and test else None,
-                "test_correct": test.correct if classify and test else None,
-                "test_count": test.count if test else None}
+        fields = {"test_loss": rate(test, "loss"),
+                  "test_accuracy": rate(test, "acc") if classify and test else None,
+                  "test_correct": test.correct if classify and test else None,
+                  "test_count": test.count if test else None}
+        if trainer.n_validation:
+            val = trainer.observation.get("validation") if now else None
+            fields.update(validation_loss=rate(val, "loss"),
+                          validation_accuracy=rate(val, "acc") if classify and val else None)
+        return fields
 
     def _log_eval(self, trainer):
         state = trainer.state
@@ -171,6 +183,10 @@ class MetricsLog(Extension):
             "test_loss": rate(test, "loss"),
             "test_accuracy": rate(test, "acc") if trainer.classifies else None,
             "best_test_accuracy": self.best_accuracy, "num_params": trainer.model.num_params,
+            **({"validation_loss": rate(trainer.observation.get("validation"), "loss"),
+                "validation_accuracy": rate(trainer.observation.get("validation"), "acc")
+                if trainer.classifies else None} if trainer.n_validation else {}),
+            **({"target": trainer.observation["target"]} if "target" in trainer.observation else {}),
             "backend": job.scaling.backend, "num_workers": trainer.backend.num_workers,
             "stopped": trainer.stop_reason,
             "wall_time_s": round(time.perf_counter() - trainer.t_start, 3),
