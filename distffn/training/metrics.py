@@ -173,6 +173,7 @@ class MetricsLog(Extension):
 
     def finalize(self, trainer):
         self._log_eval(trainer)
+        self.run_times.add(trainer.backend.pop_times())     # an early stop's part of an epoch
         job, state = trainer.job, trainer.state
         test = trainer.observation.get("test")
         if trainer.is_root and trainer.steps_run == 0:
@@ -190,7 +191,7 @@ class MetricsLog(Extension):
             "backend": job.scaling.backend, "num_workers": trainer.backend.num_workers,
             "stopped": trainer.stop_reason,
             "wall_time_s": round(time.perf_counter() - trainer.t_start, 3),
-            "train_time_s": round(trainer.train_seconds, 3),
+            "train_time_s": round(trainer.train_seconds, 6),
             "samples_per_s": round(trainer.train_samples / trainer.train_seconds, 1) if trainer.train_seconds else None,
             **self.run_times.as_dict(), "ms_per_step": self.run_times.per_step_ms()}
         trainer.summary = summary
