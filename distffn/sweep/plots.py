@@ -117,9 +117,17 @@ def time_vs_workers(summary: dict, measured: list[dict], path: str) -> str:
 def lr_vs_batch(summary: dict, results: list[dict], path: str) -> str:
     fig = Figure(figsize=(7.5, 5.2), layout="constrained")
     ax = fig.subplots()
-    for reached, style in ((True, dict(marker="o", color="0.6", label="tried: reached the target")),
-                           (False, dict(marker="x", color="0.6", label="tried: not reached"))):
-        pts = [r for r in results if bool(r["reached"]) == reached]
+    kinds = (("reached", dict(marker="o", color="0.6", label="tried: reached the target")),
+             ("pruned", dict(marker="s", facecolors="none", edgecolors="0.6",
+                             label="tried: stopped at the best steps so far (pruned)")),
+             ("diverged", dict(marker="v", color="tab:red", alpha=0.5, label="tried: diverged")),
+             ("missed", dict(marker="x", color="0.6", label="tried: not reached within the budget")))
+
+    def kind(r):
+        return ("reached" if r["reached"] else "pruned" if r.get("pruned") else
+                "diverged" if r.get("diverged") else "missed")
+    for name, style in kinds:
+        pts = [r for r in results if kind(r) == name]
         if pts:
             ax.scatter([r["batch_size"] for r in pts], [r["lr"] for r in pts], s=18, **style)
     best = summary["best"]

@@ -27,7 +27,7 @@ from ..training.run_lock import RunLock
 from . import fit as fitting
 from . import plots, projection
 from .spec import SweepSpec
-from .trials import plan_timings, plan_trials, result_rows, run_timing, run_trials, write_csv
+from .trials import plan_timings, plan_trials, promising_first, result_rows, run_timing, run_trials, write_csv
 
 NOISE = "noise.json"
 NOISE_SMALL, NOISE_BIG = 256, 4096       # batch pairs for the measured B_simple
@@ -77,7 +77,7 @@ def _run(spec, base, out, command, echo, progress) -> dict:
         f.write(base.to_yaml())
     dump_spec(spec, os.path.join(out, "sweep.yaml"))
     base_raw = base.to_dict()
-    trials = plan_trials(spec, base, n_train)
+    trials = promising_first(plan_trials(spec, base, n_train))
     timings = plan_timings(spec, base, n_train)
     echo(f"sweep {spec.name}: {len(trials)} trials ({len(spec.batch_sizes)} batch sizes × "
          f"{len(trials) // len(spec.batch_sizes)} settings, ≤ {spec.max_epochs} epochs each, target "
@@ -85,7 +85,8 @@ def _run(spec, base, out, command, echo, progress) -> dict:
 
     def interim(done: dict):             # results.csv grows as trials finish
         write_csv(os.path.join(out, "results.csv"), result_rows(list(done.values()), {}, [1]))
-    results = run_trials(trials, base_raw, out, job_path, command, spec.concurrency, echo, progress, interim)
+    results = run_trials(trials, base_raw, out, job_path, command, spec.concurrency, echo, progress, interim,
+                         spec.prune)
 
     step_times = {}
     measured = []

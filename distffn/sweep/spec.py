@@ -80,6 +80,7 @@ class SweepSpec:
     eval_every: Union[int, str] = AUTO          # steps, or auto: evals_per_epoch per epoch
     evals_per_epoch: int = 10
     concurrency: int = 1                        # trials at a time (> 1: Ray tasks)
+    prune: bool = True                          # stop a trial at the best steps so far at its B
     timing_steps: int = 50                      # steps of each timed (B, N) run
     timing_backend: str = "mpi"                 # the backend of the timed runs with N > 1
     network: str = "10gbe"                      # the preset drawn in time_vs_workers.png
@@ -109,7 +110,7 @@ class SweepSpec:
 
 _KEYS = {"name": str, "job": str, "batch_sizes": list, "num_workers": list, "lr": object,
          "momentum": list, "target": dict, "max_epochs": int, "eval_every": object,
-         "evals_per_epoch": int, "concurrency": int, "timing_steps": int, "timing_backend": str,
+         "evals_per_epoch": int, "concurrency": int, "prune": bool, "timing_steps": int, "timing_backend": str,
          "network": str, "noise_batches": int, "regime_tolerance": float}
 _REQUIRED = ("job", "batch_sizes", "lr", "target", "max_epochs")
 
@@ -160,7 +161,7 @@ def from_dict(raw, path: str, job_overrides: Optional[list[str]] = None) -> Swee
     if missing:
         raise UserError(f"{missing[0]}: required in {source}")
     kw = {}
-    for key in ("name", "job", "max_epochs", "evals_per_epoch", "concurrency", "timing_steps",
+    for key in ("name", "job", "max_epochs", "evals_per_epoch", "concurrency", "prune", "timing_steps",
                 "timing_backend", "network", "noise_batches", "regime_tolerance"):
         if raw.get(key) is not None:
             kw[key] = _coerce(raw[key], _KEYS[key], key)

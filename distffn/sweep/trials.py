@@ -35,7 +35,7 @@ RESULT = "result.json"       # a finished trial's outcome
 TRIAL = "trial.json"         # the trial a folder holds (a changed sweep starts it afresh)
 CSV_COLUMNS = ["batch_size", "num_workers", "lr", "momentum", "reached", "steps_to_target",
                "samples_to_target", "epochs_to_target", "seconds_to_target", "step_seconds",
-               "best_metric", "diverged", "eval_every", "trial"]
+               "best_metric", "diverged", "pruned", "eval_every", "trial"]
 
 
 @dataclass
@@ -129,12 +129,15 @@ def read_result(run_dir: str) -> Optional[dict]:
     return _read(run_dir, RESULT)
 
 
-def run_trial(base_raw: dict, trial: dict, run_dir: str, job_path: str, resume_command: str) -> dict:
+def run_trial(base_raw: dict, trial: dict, run_dir: str, job_path: str, resume_command: str,
+              max_steps: Optional[int] = None) -> dict:
     """Train one trial (a :class:`Trial` as a dict) into ``run_dir``, continuing from its
-    checkpoints if a killed attempt left some; writes and returns its ``result.json``. A
+    checkpoints if a killed attempt left some; writes and returns its ``result.json``.
+    ``max_steps``: stop there (pruned: the best trial at this batch size took no more). A
     module-level function of plain data, so that a Ray task can run it too."""
     t = Trial(**trial)
-    job = from_dict(apply_overrides(base_raw, t.overrides()), source=f"trial {t.id}")
+    sets = t.overrides() + ([f"training.max_steps={max_steps}"] if max_steps else [])
+    job = from_dict(apply_overrides(base_raw, sets), source=f"trial {t.id}")
     resume = bool(ckpt.list_checkpoints(os.path.join(run_dir, "checkpoints")))
     os.makedirs(run_dir, exist_ok=True)
     write_json(os.path.join(run_dir, TRIAL), trial)          # what this folder holds
@@ -154,9 +157,10 @@ def run_trial(base_raw: dict, trial: dict, run_dir: str, job_path: str, resume_c
         "metric_at_target": target.get("observed"),
         "best_metric": target.get("observed") if reached else target.get("best"),
         "diverged": diverged, "steps_run": summary.get("step"),
+        "pruned": bool(max_steps) and not reached and not diverged and summary.get("step") == max_steps,
         "train_seconds": summary.get("train_time_s"),
         "command": " ".join(["distffn", "run", job_path, "--out", run_dir,
-                             *(x for o in t.overrides() for x in ("--set", o))]),
+                             *(x for o in sets for x in ("--set", o))]),
     }
     write_json(os.path.join(run_dir, RESULT), result)
     return result
@@ -169,6 +173,21 @@ def _ray_trial(base_raw, trial, run_dir, job_path, resume_command, threads):
     return run_trial(base_raw, trial, run_dir, job_path, resume_command)
 
 
+def promising_first(trials: list[Trial]) -> list[Trial]:
+    """Within each batch size, the middle of the learning-rate grid first: the best trial is
+    likely there, and pruning then stops the others sooner."""
+    by_batch: dict[int, list[Trial]] = {}
+    for t in trials:
+        by_batch.setdefault(t.batch_size, []).append(t)
+    out = []
+    for b in sorted(by_batch):
+        group = by_batch[b]
+        rates = sorted({t.lr for t in group})
+        middle = math.log(rates[(len(rates) - 1) // 2])
+        out += sorted(group, key=lambda t: (abs(math.log(t.lr) - middle), t.lr))
+    return out
+
+
 def trial_line(r: dict, done: int, total: int) -> str:
     """One line per finished trial."""
     head = f"[{done:>{len(str(total))}}/{total}] B={r['batch_size']} lr={r['lr']:.4g}" + (
@@ -176,16 +195,20 @@ def trial_line(r: dict, done: int, total: int) -> str:
     if r["reached"]:
         return (f"{head}: {r['target_metric']} {r['metric_at_target']:.4g} at step {r['steps_to_target']} "
                 f"({r['epochs_to_target']:g} epochs)")
-    why = "diverged" if r.get("diverged") else f"not reached in {r['max_epochs']} epochs"
+    why = ("diverged" if r.get("diverged") else
+           f"pruned at step {r['steps_run']} (no fewer steps than the best at B={r['batch_size']})"
+           if r.get("pruned") else f"not reached in {r['max_epochs']} epochs")
     best = "" if r.get("best_metric") is None else f" (best {r['best_metric']:.4g})"
     return f"{head}: {why}{best}"
 
 
 def run_trials(trials: list[Trial], base_raw: dict, out: str, job_path: str, resume_command: str,
                concurrency: int = 1, echo: Callable[[str], None] = print, progress: Optional[bool] = None,
-               on_result: Callable[[dict], None] = lambda results: None) -> dict[str, dict]:
+               on_result: Callable[[dict], None] = lambda results: None, prune: bool = True) -> dict[str, dict]:
     """Run every trial not finished yet; returns ``{trial id: result}`` for all of them.
-    ``on_result`` gets that mapping, so far, after each trial."""
+    ``on_result`` gets that mapping, so far, after each trial. With ``prune``, a trial run
+    one at a time stops once it has taken as many steps as the best trial so far at its
+    batch size: it can no longer have the fewest steps."""
     results, todo = {}, []
     for t in trials:
         run_dir = os.path.join(out, "trials", t.id)
@@ -208,10 +231,14 @@ def run_trials(trials: list[Trial], base_raw: dict, out: str, job_path: str, res
         bar.update(len(results))
         on_result(results)
 
+    def budget(t: Trial) -> Optional[int]:
+        steps = [r["steps_to_target"] for r in results.values() if r["batch_size"] == t.batch_size and r["reached"]]
+        return min(steps) if prune and steps else None
+
     args = [(base_raw, asdict(t), os.path.join(out, "trials", t.id), job_path, resume_command) for t in todo]
     if concurrency <= 1 or len(todo) <= 1:
-        for a in args:
-            finished(run_trial(*a))
+        for t, a in zip(todo, args):
+            finished(run_trial(*a, max_steps=budget(t)))
     else:
         _on_ray(args, concurrency, finished)
     bar.close()
@@ -305,7 +332,7 @@ def result_rows(results: list[dict], step_seconds: dict[tuple[int, int], float],
                 "samples_to_target": r["samples_to_target"], "epochs_to_target": r["epochs_to_target"],
                 "seconds_to_target": None if steps is None or t is None else round(steps * t, 4),
                 "step_seconds": None if t is None else round(t, 6), "best_metric": r.get("best_metric"),
-                "diverged": bool(r.get("diverged")), "eval_every": r["eval_every"],
+                "diverged": bool(r.get("diverged")), "pruned": bool(r.get("pruned")), "eval_every": r["eval_every"],
                 "trial": os.path.join("trials", r["trial"])})
     return rows
 
