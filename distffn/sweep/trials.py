@@ -142,11 +142,15 @@ def run_trial(base_raw: dict, trial: dict, run_dir: str, job_path: str, resume_c
     os.makedirs(run_dir, exist_ok=True)
     write_json(os.path.join(run_dir, TRIAL), trial)          # what this folder holds
     diverged = None
-    try:
-        summary = Trainer(job, run_dir, resume=resume, progress=False, echo=lambda s: None,
-                          resume_command=resume_command).run()
-    except TrainingDiverged as e:         # a rate too large for this batch size: a result
-        diverged, summary = str(e), {}
+    summary = _read(run_dir, "summary.json") or {}
+    if not (summary.get("target") or {}).get("reached"):
+        # (a run that reached the target and was killed before result.json is done: its last
+        # checkpoint is past the evaluation that found the target, so it must not go on)
+        try:
+            summary = Trainer(job, run_dir, resume=resume, progress=False, echo=lambda s: None,
+                              resume_command=resume_command).run()
+        except TrainingDiverged as e:         # a rate too large for this batch size: a result
+            diverged, summary = str(e), {}
     target = summary.get("target") or {}
     reached = bool(target.get("reached"))
     result = {
