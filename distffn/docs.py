@@ -17,6 +17,8 @@ from .nn.init import INITIALIZERS
 from .nn.objectives import OBJECTIVES
 from .optim import OPTIMIZERS, SCHEDULES
 from .parallel import BACKENDS
+from .sweep import LR_RULES, NETWORKS
+from .targets import TARGET_METRICS
 
 
 def _cell(text: str) -> str:
@@ -49,10 +51,14 @@ def tables() -> dict[str, str]:
         "backends": _table(["`scaling.backend`", "workers", "`scaling.aggregation`"],
                            [[f"`{name}`", BACKENDS.doc(name), ", ".join(f"`{m}`" for m in modes)]
                             for name, modes in BACKENDS.items()]),
+        "target-metrics": _table(["`target.metric` / `training.target_metric`", "reached when"],
+                                 _names(TARGET_METRICS)),
+        "lr-rules": _table(["`lr.rule`", "learning rate at batch size B"], _names(LR_RULES)),
+        "networks": _table(["`network`", "α (latency), β (time per byte) and their sources"], _names(NETWORKS)),
     }
 
 
-_BLOCK = re.compile(r"(<!-- registry:(\w+) -->\n)(?:.*?\n)?(<!-- /registry:\2 -->)", re.DOTALL)
+_BLOCK = re.compile(r"(<!-- registry:([\w-]+) -->\n)(?:.*?\n)?(<!-- /registry:\2 -->)", re.DOTALL)
 
 
 def update(text: str) -> str:
