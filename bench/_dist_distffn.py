@@ -19,11 +19,11 @@ import os
 import sys
 import time
 
-import numpy as np
-
 import benchlib
-from distffn.parallel.backend import Totals
+import numpy as np
 from benchlib import GRAD_FLOATS, median_time_ms, steal_idle
+
+from distffn.parallel.backend import Totals
 
 
 def log(msg):
