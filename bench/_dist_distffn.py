@@ -19,11 +19,11 @@ import os
 import sys
 import time
 
-import benchlib
 import numpy as np
-from benchlib import GRAD_FLOATS, median_time_ms, steal_idle
 
+import benchlib
 from distffn.parallel.backend import Totals
+from benchlib import GRAD_FLOATS, median_time_ms, steal_idle
 
 
 def log(msg):

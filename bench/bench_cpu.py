@@ -29,8 +29,9 @@ import os
 import statistics
 import time
 
-import benchlib
 import numpy as np
+
+import benchlib
 from benchlib import JOB, log, wait_idle
 
 TORCH_TARGET = {128: 1.2, 512: 1.0}     # distffn / torch, ratio of medians
@@ -255,8 +256,8 @@ def summarize(blocks: list, batch_sizes: list) -> dict:
 
 def print_table(summary: dict, env: dict, args, cmd: str):
     p = print
-    p("distffn CPU benchmark: Fashion-MNIST 784-1024-10 ReLU, softmax CE, momentum SGD "
-      "lr 0.05 μ 0.9, 1 worker")
+    p(f"distffn CPU benchmark: Fashion-MNIST 784-1024-10 ReLU, softmax CE, momentum SGD "
+      f"lr 0.05 μ 0.9, 1 worker")
     p(benchlib.machine_line(env))
     blas = env.get("numpy_blas") or {}
     p(f"  numpy {env['numpy']} ({blas.get('name')} {blas.get('version')}, "
