@@ -27,6 +27,11 @@ def _save(fig: Figure, path: str) -> str:
     return path
 
 
+def _legend(ax, **kw):
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def _title(summary: dict) -> str:
     t = summary["target"]
     return f"{summary['sweep']}: steps to {t['metric']} {t['value']:g} (≤ {summary['max_epochs']} epochs per trial)"
@@ -71,7 +76,7 @@ def steps_vs_batch(summary: dict, results: list[dict], path: str) -> str:
     ax.set_ylabel("steps to target")
     ax.set_title(_title(summary), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    _legend(ax, fontsize=7, loc="lower left")
     return _save(fig, path)
 
 
@@ -110,7 +115,9 @@ def time_vs_workers(summary: dict, measured: list[dict], path: str) -> str:
     ax.set_title(f"{summary['sweep']}: measured, and the α-β projection to 1024 workers ({proj.get('network', '')})",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax, fontsize=7, ncol=2)
+    if not batches:
+        ax.text(0.5, 0.5, "no batch size reached the target", ha="center", transform=ax.transAxes)
     return _save(fig, path)
 
 
@@ -140,7 +147,7 @@ def lr_vs_batch(summary: dict, results: list[dict], path: str) -> str:
     ax.set_ylabel("learning rate")
     ax.set_title(f"{summary['sweep']}: the learning rate tuned per batch size", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     return _save(fig, path)
 
 

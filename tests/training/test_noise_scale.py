@@ -4,6 +4,7 @@ the same exact figures at a parameter vector that does not move."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from distffn.nn.model import MLP
 from distffn.training import Trainer
 from distffn.training.noise_scale import estimate_noise_scale, two_size_estimates
 
-from helpers import needs_mpi, run_group, user_error, write_job
+from helpers import MPIEXEC, needs_mpi, run_group, user_error, write_job
 
 LAYERS = [6, 16, 3]
 
@@ -147,4 +148,19 @@ def test_noise_scale_on_mpi_uses_the_shards_and_the_global_batch(tmp_path):
     assert r.returncode == 0, r.stderr
     noise = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines() if '"noise"' in s]
     assert noise and noise[0]["b_small"] == 25 and noise[0]["b_big"] == 50
+    assert all(n["trace_sigma"] > 0 for n in noise)
+
+
+@pytest.mark.parametrize("mode", ["central", "allreduce"])
+def test_noise_scale_on_ray_in_both_modes(tmp_path, ray_instance, mode):
+    if mode == "allreduce" and not os.access(MPIEXEC, os.X_OK):
+        pytest.skip("the mpi extra is not installed")
+    raw = {"name": "noise", "data": {"dataset": "digits"}, "model": {"layers": [64, 16, 10]},
+           "training": {"epochs": 1, "batch_size": 50, "drop_last": True},
+           "scaling": {"backend": "ray", "num_workers": 2, "aggregation": mode},
+           "metrics": {"noise_scale": True, "noise_every": 2}}
+    out = tmp_path / "run"
+    Trainer(from_dict(raw), str(out), progress=False, echo=lambda s: None).run()
+    noise = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines() if '"noise"' in s]
+    assert noise and {(n["b_small"], n["b_big"]) for n in noise} == {(25, 50)}
     assert all(n["trace_sigma"] > 0 for n in noise)
