@@ -237,7 +237,9 @@ def main(argv=None) -> int:
         print(f"distffn: {_rank_prefix()}{e}", file=sys.stderr)
         return _end(e.exit_code, abort=False)
     except KeyboardInterrupt:
-        print("distffn: interrupted; continue with `distffn run JOB.yaml --resume`", file=sys.stderr)
+        again = ("the same distffn sweep command (finished trials are kept)" if args.command == "sweep"
+                 else "`distffn run JOB.yaml --resume`")
+        print(f"distffn: interrupted; continue with {again}", file=sys.stderr)
         return _end(130, abort=False)
     except RunFailed as e:                       # a worker or the storage failed: name it, end fast
         print(f"distffn: error: {_rank_prefix()}{e}", file=sys.stderr)
