@@ -1,4 +1,4 @@
-"""``distffn`` command line: run, eval and plot.
+"""``distffn`` command line: run, eval, plot, sweep and noise-scale.
 
 Exit codes: 0 success, 1 a worker failed or stalled (named), 2 a user error (one message on
 stderr, no traceback), 130 interrupted.
@@ -31,6 +31,8 @@ examples:
   distffn status digits-mlp-3fa9c1
   distffn logs digits-mlp-3fa9c1 --follow
   distffn stop digits-mlp-3fa9c1
+  distffn sweep jobs/digits-sweep.yaml --out sweeps/digits
+  distffn noise-scale runs/digits-mlp --batches 100 --json
 """
 
 
@@ -113,6 +115,34 @@ def build_parser() -> argparse.ArgumentParser:
                    description="One line per job submitted from this machine ($DISTFFN_HOME, default "
                                "~/.distffn): id, cluster kind, submitted, run directory. "
                                "`distffn status ID` asks the cluster for its state.")
+    sw = sub.add_parser("sweep", help="scaling experiment: steps to a target vs batch size and workers",
+                        description="Run (or resume) the scaling experiment SWEEP.yaml describes: a "
+                                    "convergence trial per batch size × learning rate (× momentum), "
+                                    "timed runs per batch size × workers, the critical-batch fit, the "
+                                    "measured gradient noise scale and the α-β projection. Writes "
+                                    "results.csv, summary.json, steps_vs_batch.png, time_vs_workers.png, "
+                                    "lr_vs_batch.png and every run under DIR.")
+    sw.add_argument("sweep", metavar="SWEEP.yaml", help="the sweep spec")
+    sw.add_argument("--out", metavar="DIR", help="sweep folder (default: sweeps/<name>); the same "
+                    "command again skips the finished trials")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a sweep key (max_epochs=5, target.value=0.9) or, as job.SECTION.KEY=VALUE, "
+                         "a field of the base job (repeatable; VALUE is read as YAML)")
+    sw.add_argument("--no-progress", action="store_true", help="never draw the progress bar")
+
+    ns = sub.add_parser("noise-scale", help="estimate the gradient noise scale B_simple at a checkpoint",
+                        description="Estimate B_simple = tr(Σ)/|G|² (McCandlish et al. 2018) at the "
+                                    "checkpoint's fixed parameters from random batch pairs of the training "
+                                    "split, with standard errors.")
+    ns.add_argument("checkpoint", metavar="CHECKPOINT.npz|RUN_DIR")
+    ns.add_argument("--job", metavar="JOB.yaml", help="take the data from this spec instead of the checkpoint's own")
+    ns.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one field of the job spec (e.g. data.path=...)")
+    ns.add_argument("--batches", type=int, default=50, metavar="K", help="batch pairs drawn (default 50)")
+    ns.add_argument("--small", type=int, metavar="B", help="the small batch (default: training.batch_size)")
+    ns.add_argument("--big", type=int, metavar="B", help="the big batch (default: 8 × the small one)")
+    ns.add_argument("--seed", type=int, default=0, help="seed of the batch draws (default 0)")
+    ns.add_argument("--json", action="store_true", help="print the estimates as JSON")
     return p
 
 
@@ -257,8 +287,40 @@ def cmd_jobs(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "plot": cmd_plot, "submit": cmd_submit, "status": cmd_status,
-            "logs": cmd_logs, "stop": cmd_stop, "jobs": cmd_jobs}
+def cmd_sweep(args) -> int:
+    from .sweep import load_sweep
+    from .sweep.runner import run_sweep
+
+    spec, base = load_sweep(args.sweep, args.overrides)
+    out = args.out or os.path.join("sweeps", spec.name)
+    progress = False if args.no_progress else sys.stderr.isatty()
+    command = shlex.join(["distffn", "sweep", args.sweep, "--out", out,
+                          *(x for o in args.overrides for x in ("--set", o))])
+    run_sweep(spec, base, out, command, progress=progress)
+    print(f"sweep folder {out}: results.csv, summary.json, steps_vs_batch.png, time_vs_workers.png, lr_vs_batch.png")
+    return 0
+
+
+def cmd_noise_scale(args) -> int:
+    import json
+
+    from .training.noise_scale import estimate_checkpoint
+
+    r = estimate_checkpoint(args.checkpoint, args.job, args.overrides, batches=args.batches,
+                            small=args.small, big=args.big, seed=args.seed)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    b = "not positive: |G|² is lost in the noise (more --batches or a larger --big)" if r["b_simple"] is None \
+        else f"{r['b_simple']:.4g} ± {r['b_simple_se']:.2g}"
+    print(f"{r['checkpoint']}: step {r['step']}  B_simple {b}  tr(Σ) {r['trace_sigma']:.4g} ± "
+          f"{r['trace_sigma_se']:.2g}  |G|² {r['grad_norm_sq']:.4g} ± {r['grad_norm_sq_se']:.2g}  "
+          f"({r['batches']} pairs of batches {r['b_small']} and {r['b_big']} from {r['n_train']:,} training samples)")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "plot": cmd_plot, "sweep": cmd_sweep, "noise-scale": cmd_noise_scale,
+            "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "jobs": cmd_jobs}
 
 
 def _abort_mpi_world(code: int):
@@ -297,7 +359,9 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KeyboardInterrupt:
-        print("distffn: interrupted; continue with `distffn run JOB.yaml --resume`", file=sys.stderr)
+        again = ("the same distffn sweep command (finished trials are kept)" if args.command == "sweep"
+                 else "`distffn run JOB.yaml --resume`")
+        print(f"distffn: interrupted; continue with {again}", file=sys.stderr)
         return _end(130, abort=False)
     except RunFailed as e:                       # a worker or the storage failed: name it, end fast
         print(f"distffn: error: {_rank_prefix()}{e}", file=sys.stderr)

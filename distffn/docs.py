@@ -19,6 +19,8 @@ from .nn.objectives import OBJECTIVES
 from .optim import OPTIMIZERS, SCHEDULES
 from .parallel import BACKENDS
 from .submit import SCHEDULERS
+from .sweep import LR_RULES, NETWORKS
+from .targets import TARGET_METRICS
 
 
 def _cell(text: str) -> str:
@@ -55,6 +57,10 @@ def tables() -> dict[str, str]:
                            [[f"`{name}`", SCHEDULERS.doc(name), ", ".join(
                                f"`{f.name}` ({_default(f)})" for f in dataclasses.fields(cls.Profile))]
                             for name, cls in SCHEDULERS.items()]),
+        "target-metrics": _table(["`target.metric` / `training.target_metric`", "reached when"],
+                                 _names(TARGET_METRICS)),
+        "lr-rules": _table(["`lr.rule`", "learning rate at batch size B"], _names(LR_RULES)),
+        "networks": _table(["`network`", "α (latency), β (time per byte) and their sources"], _names(NETWORKS)),
     }
 
 
@@ -63,7 +69,7 @@ def _default(f) -> str:
     return "required" if value is dataclasses.MISSING else "none" if value is None else str(value)
 
 
-_BLOCK = re.compile(r"(<!-- registry:(\w+) -->\n)(?:.*?\n)?(<!-- /registry:\2 -->)", re.DOTALL)
+_BLOCK = re.compile(r"(<!-- registry:([\w-]+) -->\n)(?:.*?\n)?(<!-- /registry:\2 -->)", re.DOTALL)
 
 
 def update(text: str) -> str:

@@ -24,6 +24,7 @@ from .nn.init import INITIALIZERS
 from .nn.objectives import losses, losses_for, outputs
 from .optim import OPTIMIZERS, SCHEDULES
 from .parallel import AUTO, BACKENDS, aggregations
+from .targets import TARGET_METRICS
 
 
 @dataclass
@@ -33,6 +34,7 @@ class DataConfig:
     test_fraction: float = 0.2          # only where the dataset has no official test split
     normalize: bool = True
     limit_train: Optional[int] = None   # use only the first N training samples (quick runs)
+    validation_fraction: float = 0.0    # carved from the training split (stratified, seeded): tune on it, not on test
 
 
 @dataclass
@@ -73,6 +75,9 @@ class TrainingConfig:
     drop_last: bool = False             # keep the short last batch of an epoch by default
     eval_every: int = 0                 # steps between evaluations; 0 = at the end of every epoch
     eval_batch_size: int = 4096
+    max_steps: int = 0                  # stop after this many updates in all (0: no limit)
+    target_metric: Optional[str] = None  # stop at the first evaluation that reaches target_value
+    target_value: Optional[float] = None
 
 
 @dataclass
@@ -85,6 +90,13 @@ class ScalingConfig:
     timeout_s: float = 300.0            # a step that takes longer names the missing workers
     oversubscribe: bool = False         # allow more than 4 workers per core on one node
     interface: Optional[str] = None     # network interface for MPI between nodes (Ray allreduce on a cluster)
+
+
+@dataclass
+class MetricsConfig:
+    noise_scale: bool = False           # log the gradient noise scale B_simple at each log point
+    noise_every: int = 20               # steps between gradient-norm measurements (≤ 5% of a step, measured)
+    noise_ema: float = 0.9              # EMA decay of |G|² and tr(Σ) per log point
 
 
 @dataclass
@@ -106,6 +118,7 @@ class JobConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
 
@@ -193,6 +206,8 @@ def validate(job: JobConfig) -> JobConfig:
         raise UserError("data.path: dataset 'npz' needs the path of an .npz file")
     if d.limit_train is not None:
         _positive(d.limit_train, "data.limit_train")
+    if not 0.0 <= d.validation_fraction < 1.0:
+        raise UserError(f"data.validation_fraction: expected a number in [0, 1), got {d.validation_fraction}")
 
     if len(m.layers) < 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in m.layers):
         raise UserError(f"model.layers: expected a list of at least two positive integers "
@@ -231,6 +246,20 @@ def validate(job: JobConfig) -> JobConfig:
     _positive(t.batch_size, "training.batch_size")
     _positive(t.eval_every, "training.eval_every", allow_zero=True)
     _positive(t.eval_batch_size, "training.eval_batch_size")
+    _positive(t.max_steps, "training.max_steps", allow_zero=True)
+    if (t.target_metric is None) != (t.target_value is None):
+        raise UserError("training.target_value: expected both training.target_metric and "
+                        "training.target_value, or neither")
+    if t.target_metric is not None:
+        metric = TARGET_METRICS.get(t.target_metric)
+        if metric.split == "validation" and d.validation_fraction == 0:
+            raise UserError(f"training.target_metric: {t.target_metric} needs a validation split; "
+                            f"set data.validation_fraction (e.g. 0.1)")
+        if metric.measure == "accuracy" and not 0.0 < t.target_value <= 1.0:
+            raise UserError(f"training.target_value: an accuracy target is a fraction in (0, 1], "
+                            f"got {t.target_value}")
+        if metric.measure == "loss" and t.target_value <= 0:
+            raise UserError(f"training.target_value: expected a positive loss, got {t.target_value}")
 
     modes = BACKENDS.check(s.backend)
     if s.aggregation != AUTO and s.aggregation not in modes:
@@ -241,6 +270,10 @@ def validate(job: JobConfig) -> JobConfig:
     if s.num_workers > t.batch_size:
         raise UserError(f"scaling.num_workers: {s.num_workers} workers cannot share a global batch of "
                         f"{t.batch_size} samples (training.batch_size); use at most {t.batch_size}")
+
+    _positive(job.metrics.noise_every, "metrics.noise_every")
+    if not 0.0 <= job.metrics.noise_ema < 1.0:
+        raise UserError(f"metrics.noise_ema: expected a number in [0, 1), got {job.metrics.noise_ema}")
 
     _positive(c.every_steps, "checkpoint.every_steps", allow_zero=True)
     _positive(c.num_to_keep, "checkpoint.num_to_keep")

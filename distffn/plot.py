@@ -258,6 +258,12 @@ class RunCurves:
         job = _read_job(run_dir)
         t, o, s = job.get("training") or {}, job.get("optimizer") or {}, job.get("scaling") or {}
         self.batch = t.get("batch_size") or 1
+        d, m = job.get("data") or {}, job.get("model") or {}
+        # the settings a title names: what the runs share
+        self.settings = {"data": d.get("dataset"), "model": "-".join(map(str, m.get("layers") or [])) or None,
+                         "B": t.get("batch_size"), "optimizer": o.get("name"), "lr": o.get("lr"),
+                         "momentum": o.get("momentum"), "schedule": o.get("schedule"),
+                         "workers": s.get("num_workers"), "backend": s.get("backend")}
         self.label = (f"{os.path.basename(os.path.normpath(os.path.abspath(run_dir)))}: B={self.batch}, "
                       f"{o.get('name', 'momentum')} lr={o.get('lr')} ({o.get('schedule', 'constant')}), "
                       f"{s.get('num_workers', 1)} worker(s) {s.get('backend', 'local')}")
@@ -280,6 +286,17 @@ class RunCurves:
                 xs.append(self.x(rec["step"], axis))
                 ys.append(float(v) * scale)
         return xs, ys
+
+
+def comparison_title(runs: list[RunCurves]) -> str:
+    """The data and model, then one run's label, or the settings all the runs share."""
+    first = runs[0].settings
+    what = " ".join(str(first[k]) for k in ("data", "model") if first[k])
+    if len(runs) == 1:
+        return f"{what}: {runs[0].label}" if what else runs[0].label
+    shared = [f"{k}={first[k]}" for k in ("B", "optimizer", "lr", "momentum", "schedule", "workers", "backend")
+              if first[k] is not None and all(r.settings[k] == first[k] for r in runs)]
+    return f"{len(runs)} runs compared{f' ({what})' if what else ''}" + (f"; all with {', '.join(shared)}" if shared else "")
 
 
 def plot_comparison(run_dirs: list[str], path: str, x: str = "step") -> str:
@@ -313,7 +330,7 @@ def plot_comparison(run_dirs: list[str], path: str, x: str = "step") -> str:
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
-    fig.suptitle(runs[0].label if len(runs) == 1 else f"{len(runs)} runs compared")
+    fig.suptitle(comparison_title(runs))
     fig.tight_layout(rect=(0, 0.04 + 0.025 * len(runs), 1, 0.96))
     _save(fig, path)
     return path

@@ -1,5 +1,5 @@
 """One registry per extensible kind (activations, objectives, initialisers, optimizers,
-schedules, datasets, backends).
+schedules, datasets, backends, target metrics, learning-rate rules, network presets).
 
 A registry is the only list of a kind's names: job-spec validation, the "expected one of ..."
 messages, ``distffn --help`` texts and the README tables are all read from it, so adding an

@@ -214,3 +214,17 @@ def test_comparing_needs_an_output_and_real_run_folders(tmp_path, capsys):
     assert main(["plot", str(a), str(a)]) == 2 and "--out" in capsys.readouterr().err
     assert main(["plot", str(a), str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 2
     assert "no such run folder" in capsys.readouterr().err
+
+
+def test_the_comparison_title_names_the_data_the_model_and_the_shared_settings(tmp_path):
+    from distffn.plot import RunCurves, comparison_title
+
+    from helpers import run_cli, write_job
+    runs = []
+    for name, lr in (("a", 0.05), ("b", 0.1)):
+        out = tmp_path / name
+        assert run_cli(write_job(tmp_path, name=f"{name}.yaml", optimizer={"lr": lr}), "--out", str(out)) == 0
+        runs.append(RunCurves(str(out)))
+    title = comparison_title(runs)
+    assert title.startswith("2 runs compared (digits 64-32-10)") and "B=50" in title and "lr=" not in title
+    assert comparison_title(runs[:1]) == f"digits 64-32-10: {runs[0].label}"

@@ -36,6 +36,8 @@ class Dataset:
     class_names: Optional[list] = None
     normalization: dict = field(default_factory=dict)
     source: str = ""                    # where it came from: a folder, a file, scikit-learn, ...
+    x_val: Optional[np.ndarray] = None  # the validation split carved from the training data, if any
+    y_val: Optional[np.ndarray] = None
 
     @property
     def num_features(self) -> int:
@@ -67,6 +69,18 @@ def random_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, n
     perm = np.random.default_rng(seed).permutation(n).astype(np.int64)
     n_test = min(max(int(round(test_fraction * n)), 1), n - 1)
     return perm[n_test:], perm[:n_test]
+
+
+def carve_validation(ds: Dataset, fraction: float, seed: int) -> None:
+    """Move ``fraction`` of ``ds``'s training split into ``x_val, y_val`` (stratified for
+    classification, seeded; a seed stream of its own, so the test split is untouched)."""
+    seed_seq = [seed, 0x7A11]           # not the test split's stream
+    if ds.kind == "classification":
+        train, val = stratified_split(ds.y_train, fraction, seed_seq)
+    else:
+        train, val = random_split(len(ds.x_train), fraction, seed_seq)
+    ds.x_val, ds.y_val = ds.x_train[val], ds.y_train[val]
+    ds.x_train, ds.y_train = ds.x_train[train], ds.y_train[train]
 
 
 def split(name, x, y, kind, cfg, seed: int, **extra) -> Dataset:

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..errors import UserError
 from . import builtin, idx, npz  # noqa: F401  (each registers its datasets)
-from .dataset import DATASETS, IMAGE_SHAPES, Dataset
+from .dataset import DATASETS, IMAGE_SHAPES, Dataset, carve_validation
 
 _EPS = 1e-8
 _CHUNK = 1024                   # rows per block when computing statistics (bounded temporaries)
@@ -34,9 +34,9 @@ def _mean_std(x: np.ndarray, per_feature: bool) -> tuple[np.ndarray, np.ndarray]
     return mean, np.where(std < _EPS, 1.0, std)  # constant features: centre only
 
 
-def _standardize(train: np.ndarray, test: np.ndarray, per_feature: bool, prefix: str) -> dict:
+def _standardize(train: np.ndarray, others: list, per_feature: bool, prefix: str) -> dict:
     mean, std = _mean_std(train, per_feature)
-    for arr in (train, test):  # in place: no second copy of a large array
+    for arr in (train, *others):  # in place: no second copy of a large array
         arr -= mean.astype(np.float32)
         arr /= std.astype(np.float32)
     return {f"{prefix}_mean": mean.tolist(), f"{prefix}_std": std.tolist()}
@@ -46,17 +46,22 @@ def _normalize(ds: Dataset) -> None:
     if ds.name == "xor":
         return  # the lecture's hand-set XOR weights expect the raw 0/1 inputs
     # Images: one global scalar (per-pixel std is 0 on the always-black border).
-    ds.normalization = _standardize(ds.x_train, ds.x_test, ds.name not in IMAGE_SHAPES, "x")
+    val = lambda a: [] if a is None else [a]  # noqa: E731
+    ds.normalization = _standardize(ds.x_train, [ds.x_test, *val(ds.x_val)], ds.name not in IMAGE_SHAPES, "x")
     if ds.kind == "regression" and ds.name != "sine":  # sine keeps MSE in natural units
-        ds.normalization.update(_standardize(ds.y_train, ds.y_test, True, "y"))
+        ds.normalization.update(_standardize(ds.y_train, [ds.y_test, *val(ds.y_val)], True, "y"))
 
 
 def load_dataset(cfg, seed: int) -> Dataset:
     """Load ``cfg.dataset``: split (seeded by ``seed`` where there is no official test split),
-    check for NaN/inf, keep the first ``cfg.limit_train`` training samples, and normalize with
+    check for NaN/inf, carve ``cfg.validation_fraction`` of the training split off as the
+    validation split, keep the first ``cfg.limit_train`` training samples, and normalize with
     training-split statistics when ``cfg.normalize``."""
     ds = DATASETS.get(cfg.dataset)(cfg, seed)
     _check_finite(ds, cfg.path if cfg.dataset == "npz" else cfg.dataset)
+    # before limit_train: the validation split stays the same whatever the training subset
+    if getattr(cfg, "validation_fraction", 0.0) > 0:
+        carve_validation(ds, cfg.validation_fraction, seed)
     if cfg.limit_train is not None and cfg.limit_train < len(ds.x_train):
         # Copies, so the full training arrays can be freed.
         ds.x_train = ds.x_train[:cfg.limit_train].copy()

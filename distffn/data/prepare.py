@@ -3,6 +3,7 @@ model, with targets in the form the model's output/loss pair needs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -14,13 +15,17 @@ from .load import load_dataset
 
 @dataclass
 class PreparedData:
-    """Inputs, loss targets and class ids (None for regression) of both splits."""
+    """Inputs, loss targets and class ids (None for regression) of the splits; the
+    validation split's are None unless ``data.validation_fraction`` carved one."""
     x_train: np.ndarray
     t_train: np.ndarray
     labels_train: object
     x_test: np.ndarray
     t_test: np.ndarray
     labels_test: object
+    x_val: Optional[np.ndarray] = None
+    t_val: Optional[np.ndarray] = None
+    labels_val: object = None
 
     @property
     def classifies(self) -> bool:
@@ -35,8 +40,9 @@ def prepare_data(job) -> tuple[Dataset, PreparedData, MLP]:
     model.check_data(ds.num_features, job.data.dataset)
     n = ds.x_train.shape[0]
     if job.training.batch_size > n:
+        carved = " left after data.validation_fraction" if ds.x_val is not None else ""
         raise UserError(f"training.batch_size: {job.training.batch_size} is larger than the {n:,} "
-                        f"training samples of data.dataset {job.data.dataset!r}")
+                        f"training samples{carved} of data.dataset {job.data.dataset!r}")
     where = f"data.dataset {job.data.dataset!r}"
     obj = model.objective
     labels = ds.kind == "classification"
@@ -46,4 +52,7 @@ def prepare_data(job) -> tuple[Dataset, PreparedData, MLP]:
         x_test=ds.x_test, t_test=obj.prepare_targets(ds.y_test, f"{where} (test labels)"),
         labels_test=ds.y_test if labels else None,
     )
+    if ds.x_val is not None:
+        data.x_val, data.t_val = ds.x_val, obj.prepare_targets(ds.y_val, f"{where} (validation labels)")
+        data.labels_val = ds.y_val if labels else None
     return ds, data, model

@@ -53,6 +53,62 @@ class StepTimes:
         return d
 
 
+@dataclass
+class GradNorms:
+    """Squared gradient norms at two batch sizes, summed over the measured steps: what the
+    gradient noise scale is estimated from (``metrics.noise_scale``). The small batches are
+    the workers' shards (with one worker, the two halves of its batch); the big one is the
+    global batch. Each is the norm of the *mean* gradient over its samples."""
+    small_sq: float = 0.0       # Σ over shards of |ΔΘ_shard / b|²
+    small_inv: float = 0.0      # Σ over shards of 1 / b
+    shards: int = 0
+    big_sq: float = 0.0         # Σ over steps of |ΣΔΘ / B|²
+    big_inv: float = 0.0        # Σ over steps of 1 / B
+    steps: int = 0
+
+    FIELDS = ("small_sq", "small_inv", "shards", "big_sq", "big_inv", "steps")
+
+    def add(self, other: "GradNorms"):
+        for k in self.FIELDS:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        return self
+
+    def as_array(self) -> np.ndarray:
+        return np.array([getattr(self, k) for k in self.FIELDS], np.float64)
+
+    @classmethod
+    def from_array(cls, values) -> "GradNorms":
+        out = cls(*(float(v) for v in values))
+        out.shards, out.steps = int(round(out.shards)), int(round(out.steps))
+        return out
+
+    def add_shard(self, sq_sum: float, n: int):
+        """One shard of ``n`` samples whose summed ΔΘ has squared norm ``sq_sum``."""
+        self.small_sq += sq_sum / (n * n)
+        self.small_inv += 1.0 / n
+        self.shards += 1
+
+    def add_batch(self, sq_sum: float, n: int):
+        """One global batch of ``n`` samples whose summed ΔΘ has squared norm ``sq_sum``."""
+        self.big_sq += sq_sum / (n * n)
+        self.big_inv += 1.0 / n
+        self.steps += 1
+
+    def small_part(self) -> "GradNorms":
+        return GradNorms(self.small_sq, self.small_inv, self.shards)
+
+
+def noise_every(job) -> int:
+    """Steps between gradient-norm measurements; 0 unless ``metrics.noise_scale``."""
+    return job.metrics.noise_every if job.metrics.noise_scale else 0
+
+
+def squared_norm(xp, v) -> float:
+    """|v|²: one BLAS dot (float32 with BLAS's blocked partial sums; the relative error, about
+    1e-6, is far below the differences of norms the noise-scale estimate takes)."""
+    return float(xp.dot(v, v))
+
+
 def placement_of(workers: list[dict]) -> list[str]:
     """Each worker's Ray node id, else its host, from :meth:`Backend.worker_processes`."""
     return [w.get("node", w["host"]) for w in workers]
@@ -125,6 +181,11 @@ class Backend:
 
     def pop_times(self) -> StepTimes:
         """The per-phase time breakdown since the last call."""
+        raise NotImplementedError
+
+    def grad_norms(self) -> GradNorms:
+        """The gradient norms measured since the last call (``metrics.noise_scale``), summed
+        over the workers; a collective on MPI."""
         raise NotImplementedError
 
     def close(self):

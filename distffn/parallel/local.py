@@ -6,7 +6,7 @@ import time
 
 from ..xp import get_array_module
 from .aggregator import Aggregator
-from .backend import Backend, StepTimes, Totals
+from .backend import Backend, StepTimes, Totals, noise_every
 from .worker import Worker
 
 
@@ -25,7 +25,8 @@ class LocalBackend(Backend):
 
     def start(self, theta, optimizer_state, step):
         xp = self.array_module
-        self.aggregator = Aggregator(self.job.optimizer, xp.asarray(theta), optimizer_state, step, xp)
+        self.aggregator = Aggregator(self.job.optimizer, xp.asarray(theta), optimizer_state, step, xp,
+                                     noise_every(self.job))
         self._sum = xp.empty_like(self.aggregator.theta) if self.num_workers > 1 else None
 
     def train_step(self, epoch, batch_index, batch_len, lr):
@@ -50,6 +51,12 @@ class LocalBackend(Backend):
         for w in self.workers:
             tot.add(*w.pop_stats())
         return tot
+
+    def grad_norms(self):
+        out = self.aggregator.pop_norms()
+        for w in self.workers:
+            out.add(w.pop_norms())
+        return out
 
     def params(self):
         return self.aggregator.theta

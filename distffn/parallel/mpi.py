@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import WorkerFailed
 from ..xp import get_array_module, limit_blas_threads, to_numpy
 from .aggregator import Aggregator
-from .backend import Backend, StepTimes, Totals
+from .backend import Backend, GradNorms, StepTimes, Totals, noise_every
 from .mpi_env import world
 from .worker import Worker
 
@@ -108,7 +108,8 @@ class MPIBackend(Backend):
         theta, optimizer_state = self.comm.bcast((np.ascontiguousarray(theta, np.float32), optimizer_state)
                                                  if self.is_root else None, root=0)
         if self.mode == "allreduce" or self.is_root:     # who applies the update holds the optimizer
-            self.aggregator = Aggregator(self.job.optimizer, theta, optimizer_state, step, xp)
+            self.aggregator = Aggregator(self.job.optimizer, theta, optimizer_state, step, xp,
+                                         noise_every(self.job))
             self.theta = self.aggregator.theta
         else:
             self.theta = xp.array(theta, dtype=np.float32)
@@ -188,6 +189,16 @@ class MPIBackend(Backend):
         tot = Totals()
         tot.add(loss, int(round(correct)), int(round(count)))
         return tot
+
+    def grad_norms(self):
+        """Every rank's shard norms; the global batch's from rank 0 only (in allreduce mode
+        every rank has the same sum)."""
+        mine = self.worker.pop_norms()
+        if self.aggregator is not None:
+            big = self.aggregator.pop_norms()
+            if self.is_root:
+                mine.add(GradNorms(big_sq=big.big_sq, big_inv=big.big_inv, steps=big.steps))
+        return GradNorms.from_array(self.sum_over_processes(mine.as_array()))
 
     def params(self):
         return self.theta

@@ -81,7 +81,7 @@ class _RankActor:
             self.backend.train_step(epoch, batch_index, batch_len, lr)
 
     def call(self, method: str):
-        """A backend method with no arguments: train_totals, pop_times (collectives), state."""
+        """A backend method with no arguments: train_totals, pop_times, grad_norms (collectives), state."""
         return getattr(self.backend, method)()
 
     def params(self):
@@ -171,6 +171,9 @@ class RayAllreduceBackend(RayBackend):
 
     def pop_times(self):
         return self._collective("pop_times", "reporting times")[0]
+
+    def grad_norms(self):
+        return self._collective("grad_norms", "reporting gradient norms")[0]
 
     def state(self):
         self._run_steps()

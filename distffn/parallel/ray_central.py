@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import WorkerFailed
 from ..xp import get_array_module, limit_blas_threads, to_numpy
 from .aggregator import Aggregator
-from .backend import StepTimes, Totals
+from .backend import GradNorms, StepTimes, Totals, noise_every
 from .ray_cluster import RayBackend, actor_process
 from .worker import Worker
 
@@ -37,6 +37,9 @@ class _WorkerActor:
     def pop_stats(self):
         return self.worker.pop_stats()
 
+    def pop_norms(self):
+        return self.worker.pop_norms()
+
     def pop_times(self):
         out, self.compute_times = self.compute_times, []
         return out
@@ -45,8 +48,8 @@ class _WorkerActor:
 class _AggregatorActor:
     """Holds Θ and the optimizer, sums ΔΘ in rank order, applies the update, returns Θ."""
 
-    def __init__(self, optimizer_cfg, theta, optimizer_state, step):
-        self.aggregator = Aggregator(optimizer_cfg, theta, optimizer_state, step)
+    def __init__(self, optimizer_cfg, theta, optimizer_state, step, noise_every=0):
+        self.aggregator = Aggregator(optimizer_cfg, theta, optimizer_state, step, noise_every=noise_every)
         self._sum = np.empty_like(self.aggregator.theta)
         self.update_times: list[float] = []
 
@@ -61,6 +64,9 @@ class _AggregatorActor:
     def pop_times(self):
         out, self.update_times = self.update_times, []
         return out
+
+    def pop_norms(self):
+        return self.aggregator.pop_norms()
 
     def state(self):
         return self.aggregator.state()
@@ -86,7 +92,8 @@ class RayCentralBackend(RayBackend):
     def start(self, theta, optimizer_state, step):
         theta = np.ascontiguousarray(theta, np.float32)
         Agg = self.ray.remote(_AggregatorActor)
-        self.aggregator = Agg.options(num_cpus=0).remote(self.job.optimizer, theta, optimizer_state, step)
+        self.aggregator = Agg.options(num_cpus=0).remote(self.job.optimizer, theta, optimizer_state, step,
+                                                         noise_every(self.job))
         self.theta_ref = self.ray.put(theta)
 
     def train_step(self, epoch, batch_index, batch_len, lr):
@@ -125,6 +132,15 @@ class RayCentralBackend(RayBackend):
         for stats in self._get([w.pop_stats.remote() for w in self.workers], "reporting totals"):
             tot.add(*stats)
         return tot
+
+    def grad_norms(self):
+        self._drain()
+        out = GradNorms()
+        for norms in self._get([w.pop_norms.remote() for w in self.workers] + [self.aggregator.pop_norms.remote()],
+                               "reporting gradient norms",
+                               names=[self.name(r) for r in range(self.num_workers)] + ["the aggregator"]):
+            out.add(norms)
+        return out
 
     def sync(self):
         self._drain()

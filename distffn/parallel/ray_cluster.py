@@ -52,6 +52,37 @@ def _import_ray(local: bool):
     return ray
 
 
+def start_own_ray(ray, num_cpus: int, log_to_driver: bool = True):
+    """A Ray instance of this process's own (``address="local"``: never another one found on
+    the machine), in a temp folder of its own, on loopback, without a dashboard. Returns
+    (temp folder, watchdog); :func:`stop_own_ray` ends both."""
+    # Ray's unix sockets live ~85 characters below this folder and may not exceed
+    # 107: a long $TMPDIR falls back to /tmp
+    base = tempfile.gettempdir()
+    temp_dir = tempfile.mkdtemp(prefix="distffn-ray-",
+                                dir=base if len(base) <= 20 or not os.path.isdir("/tmp") else "/tmp")
+    # Ray's processes and this folder end with this process, even on a SIGKILL
+    guard = watchdog.start(temp_dir)
+    try:
+        ray.init(address="local", _temp_dir=temp_dir, include_dashboard=False,
+                 logging_level="warning", log_to_driver=log_to_driver, num_cpus=num_cpus)
+    except BaseException:
+        stop_own_ray(None, temp_dir, guard)
+        raise
+    return temp_dir, guard
+
+
+def stop_own_ray(ray, temp_dir, guard):
+    """Shut down what :func:`start_own_ray` started (``ray`` None: Ray never came up)."""
+    if ray is not None:
+        ray.shutdown()
+    if temp_dir is not None:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    if guard is not None:
+        guard.terminate()
+        guard.wait()
+
+
 class RayBackend(Backend):
     """What both modes share: Ray itself, the placement group, the data in the object store,
     waiting on actors with the job's timeout, and the teardown."""
@@ -84,16 +115,7 @@ class RayBackend(Backend):
         of its own (removed at the end), on loopback. With one, connect there and say so."""
         try:
             if address is None:
-                # Ray's unix sockets live ~85 characters below this folder and may not exceed
-                # 107: a long $TMPDIR falls back to /tmp
-                base = tempfile.gettempdir()
-                self.temp_dir = tempfile.mkdtemp(prefix="distffn-ray-",
-                                                 dir=base if len(base) <= 20 or not os.path.isdir("/tmp") else "/tmp")
-                # Ray's processes and this folder end with this process, even on a SIGKILL
-                self.watchdog = watchdog.start(self.temp_dir)
-                ray.init(address="local", _temp_dir=self.temp_dir, include_dashboard=False,
-                         logging_level="warning", log_to_driver=True,
-                         num_cpus=max(os.cpu_count() or 1, self.num_workers))
+                self.temp_dir, self.watchdog = start_own_ray(ray, max(os.cpu_count() or 1, self.num_workers))
             else:
                 note(f"connecting to the Ray cluster at {address}")
                 ray.init(address=address, logging_level="warning", log_to_driver=True)

@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 
-from ..data.sharding import batch_bounds, epoch_permutation, shard_bounds
+from ..data.sharding import batch_bounds, epoch_permutation, shard_bounds, steps_per_epoch
 from ..nn.model import MLP
+from .backend import GradNorms, noise_every, squared_norm
 
 FAULT_ENV = "DISTFFN_INJECT_FAULT"
 
@@ -43,6 +44,11 @@ class Worker:
         self._fault = _injected_fault(rank)
         self._gathered: dict[int, tuple] = {}
         self.calls = 0
+        # metrics.noise_scale: |ΔΘ|² of the shard on every noise_every-th step of the run
+        self.noise_every = noise_every(job)
+        self.steps_per_epoch = steps_per_epoch(self.n, job.training.batch_size, job.training.drop_last)
+        self.norms = GradNorms()
+        self._half = None
         self.reset_stats()
 
     def reset_stats(self):
@@ -53,6 +59,16 @@ class Worker:
         out = (float(self.loss_sum), int(self.correct), int(self.count))
         self.reset_stats()
         return out
+
+    def pop_norms(self) -> GradNorms:
+        """The shard norms measured since the last call."""
+        out, self.norms = self.norms, GradNorms()
+        return out
+
+    def measures(self, epoch: int, batch_index: int) -> bool:
+        """Whether this step's gradient norms are measured: the same steps on every worker and
+        in the aggregator (step = epoch · steps per epoch + batch)."""
+        return bool(self.noise_every) and (epoch * self.steps_per_epoch + batch_index) % self.noise_every == 0
 
     def params(self, theta) -> dict:
         """Per-layer views of ``theta``, cached while the same buffer comes back every step."""
@@ -101,9 +117,33 @@ class Worker:
         xp.take(self.t, idx, axis=0, out=t, **kw)
         if labels is not None:
             xp.take(self.labels, idx, axis=0, out=labels, **kw)
-        loss, correct = self.model.loss_and_grad(self.params(theta), self.grad_views, x, t, labels)
+        measure = self.measures(epoch, batch_index)
+        if measure and self.num_workers == 1 and len(idx) >= 2:
+            self._two_halves(theta, x, t, labels)
+        else:
+            self._accumulate(*self.model.loss_and_grad(self.params(theta), self.grad_views, x, t, labels))
+            if measure:
+                self.norms.add_shard(squared_norm(xp, self.grad), len(idx))
+        self.count += len(idx)
+        return self.grad
+
+    def _accumulate(self, loss, correct):
         self.loss_sum += loss.astype(np.float64)   # float32 sums drift over an epoch
         if correct is not None:
             self.correct += correct
-        self.count += len(idx)
-        return self.grad
+
+    def _two_halves(self, theta, x, t, labels):
+        """One worker alone has no second shard to compare with: ΔΘ of each half of its
+        batch, measured, then summed (the noise scale's two batch sizes are B/2 and B)."""
+        xp, n = self.xp, x.shape[0]
+        h = n // 2
+        if self._half is None:
+            self._half = xp.zeros_like(self.grad)
+        params = self.params(theta)
+        half = labels[:h] if labels is not None else None
+        rest = labels[h:] if labels is not None else None
+        self._accumulate(*self.model.loss_and_grad(params, self.model.layout.views(self._half), x[:h], t[:h], half))
+        self.norms.add_shard(squared_norm(xp, self._half), h)
+        self._accumulate(*self.model.loss_and_grad(params, self.grad_views, x[h:], t[h:], rest))
+        self.norms.add_shard(squared_norm(xp, self.grad), n - h)
+        self.grad += self._half

@@ -44,9 +44,9 @@ class SplitEvaluator:
 
 
 class Evaluator(Extension):
-    """Test loss and accuracy of the current Θ, every ``training.eval_every`` steps (by
-    default at the end of every epoch) and after the last step, early stops included; the
-    result goes into ``trainer.observation["test"]``."""
+    """Test (and validation) loss and accuracy of the current Θ, every ``training.eval_every``
+    steps (by default at the end of every epoch) and after the last step, early stops
+    included; the results go into ``trainer.observation["test"]`` (and ``["validation"]``)."""
 
     priority = PRIORITY_EVALUATE
 
@@ -56,11 +56,17 @@ class Evaluator(Extension):
                                     job.training.eval_batch_size, backend.array_module,
                                     backend.process_index, backend.process_count,
                                     backend.sum_over_processes)
+        self.validation = None if data.x_val is None else SplitEvaluator(
+            job.model, data.x_val, data.t_val, data.labels_val, job.training.eval_batch_size,
+            backend.array_module, backend.process_index, backend.process_count, backend.sum_over_processes)
         self.backend = backend
         self.last_step = None
 
     def __call__(self, trainer):
-        trainer.observation["test"] = self.split(self.backend.params())
+        theta = self.backend.params()
+        trainer.observation["test"] = self.split(theta)
+        if self.validation is not None:
+            trainer.observation["validation"] = self.validation(theta)
         trainer.observation["test_step"] = self.last_step = trainer.state.step
 
     def finalize(self, trainer):
@@ -68,13 +74,10 @@ class Evaluator(Extension):
             self(trainer)
 
 
-def evaluate_checkpoint(path: str, job_path: str | None = None, overrides=None) -> dict:
-    """Exact test-split totals of the parameters in ``path``: a checkpoint file, or a run
-    folder (its newest valid checkpoint).
-
-    The job spec comes from the checkpoint unless ``job_path`` is given (to point at the data
-    elsewhere, say); either way the checkpoint's parameters must fit the spec's model.
-    """
+def checkpoint_with_job(path: str, job_path: str | None = None, overrides=None):
+    """``(path, arrays, meta, job)`` of a checkpoint file, or of a run folder's newest valid
+    one; the job spec is the checkpoint's own unless ``job_path`` is given (to point at the
+    data elsewhere, say)."""
     if os.path.isdir(path):
         folder = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
         found = newest_valid_checkpoint(folder)
@@ -90,6 +93,17 @@ def evaluate_checkpoint(path: str, job_path: str | None = None, overrides=None) 
         if "job" not in meta:
             raise UserError(f"{path}: the checkpoint carries no job spec; pass --job JOB.yaml")
         job = from_dict(apply_overrides(meta["job"], overrides), source=f"{path} (job spec)")
+    return path, arrays, meta, job
+
+
+def evaluate_checkpoint(path: str, job_path: str | None = None, overrides=None) -> dict:
+    """Exact test-split totals of the parameters in ``path``: a checkpoint file, or a run
+    folder (its newest valid checkpoint).
+
+    The job spec comes from the checkpoint unless ``job_path`` is given (to point at the data
+    elsewhere, say); either way the checkpoint's parameters must fit the spec's model.
+    """
+    path, arrays, meta, job = checkpoint_with_job(path, job_path, overrides)
     _, data, model = prepare_data(job)
     theta, _ = unpack_state(model.layout, arrays, (), path)
     test = SplitEvaluator(job.model, data.x_test, data.t_test, data.labels_test,

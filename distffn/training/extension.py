@@ -13,6 +13,7 @@ from .triggers import IntervalTrigger
 PRIORITY_OBSERVE = 300      # read what the steps produced (training loss totals)
 PRIORITY_CHECK = 250        # act on it (divergence, early stopping)
 PRIORITY_EVALUATE = 200     # evaluation
+PRIORITY_STOP = 150         # stop early on what the evaluation found (before the checkpoint)
 PRIORITY_WRITE = 100        # checkpoints
 PRIORITY_REPORT = 0         # logs, progress, printing
 

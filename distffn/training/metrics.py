@@ -27,6 +27,15 @@ def write_json(path: str, obj) -> None:
         raise StorageFailed(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def append_record(path: str, record: dict) -> None:
+    """One JSON line appended to ``metrics.jsonl`` at ``path``."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise StorageFailed(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def rate(totals: Totals, what: str):
     """Mean loss or accuracy of exact totals (None without samples)."""
     if totals is None or totals.count == 0:
@@ -92,11 +101,7 @@ class MetricsLog(Extension):
 
     def _write(self, trainer, record: dict):
         if trainer.is_root:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:
-                raise StorageFailed(f"cannot write {self.path}: {e.strerror or e}") from None
+            append_record(self.path, record)
 
     def initialize(self, trainer):
         job, backend, state = trainer.job, trainer.backend, trainer.state
@@ -109,8 +114,9 @@ class MetricsLog(Extension):
         self._write(trainer, {
             "event": "start", "num_params": trainer.model.num_params, "num_workers": backend.num_workers,
             "backend": job.scaling.backend, "aggregation": job.scaling.aggregation, "n_train": trainer.n_train, "n_test": trainer.n_test,
-            "steps_per_epoch": trainer.steps_per_epoch, "epochs": job.training.epochs, "start_step": state.step, "placement": placement,
-            "data_source": trainer.data_source})
+            "steps_per_epoch": trainer.steps_per_epoch, "epochs": job.training.epochs, "start_step": state.step,
+            "placement": placement, "data_source": trainer.data_source,
+            **({"n_validation": trainer.n_validation} if trainer.n_validation else {})})
         self.echo(f"{job.name}: {trainer.model.num_params:,} parameters, {trainer.n_train:,} training / "
                   f"{trainer.n_test:,} test samples, {job.training.epochs} epochs of "
                   f"{trainer.steps_per_epoch} steps, {backend.num_workers} worker(s) on {job.scaling.backend}"
@@ -119,12 +125,18 @@ class MetricsLog(Extension):
 
     def _test_fields(self, trainer) -> dict:
         """The test figures if Θ was evaluated after this very step, else nulls."""
-        test = trainer.observation.get("test") if trainer.observation.get("test_step") == trainer.state.step else None
+        now = trainer.observation.get("test_step") == trainer.state.step
+        test = trainer.observation.get("test") if now else None
         classify = trainer.classifies
-        return {"test_loss": rate(test, "loss"),
-                "test_accuracy": rate(test, "acc") if classify and test else None,
-                "test_correct": test.correct if classify and test else None,
-                "test_count": test.count if test else None}
+        fields = {"test_loss": rate(test, "loss"),
+                  "test_accuracy": rate(test, "acc") if classify and test else None,
+                  "test_correct": test.correct if classify and test else None,
+                  "test_count": test.count if test else None}
+        if trainer.n_validation:
+            val = trainer.observation.get("validation") if now else None
+            fields.update(validation_loss=rate(val, "loss"),
+                          validation_accuracy=rate(val, "acc") if classify and val else None)
+        return fields
 
     def _log_eval(self, trainer):
         state = trainer.state
@@ -161,6 +173,7 @@ class MetricsLog(Extension):
 
     def finalize(self, trainer):
         self._log_eval(trainer)
+        self.run_times.add(trainer.backend.pop_times())     # an early stop's part of an epoch
         job, state = trainer.job, trainer.state
         test = trainer.observation.get("test")
         if trainer.is_root and trainer.steps_run == 0:
@@ -171,10 +184,14 @@ class MetricsLog(Extension):
             "test_loss": rate(test, "loss"),
             "test_accuracy": rate(test, "acc") if trainer.classifies else None,
             "best_test_accuracy": self.best_accuracy, "num_params": trainer.model.num_params,
+            **({"validation_loss": rate(trainer.observation.get("validation"), "loss"),
+                "validation_accuracy": rate(trainer.observation.get("validation"), "acc")
+                if trainer.classifies else None} if trainer.n_validation else {}),
+            **({"target": trainer.observation["target"]} if "target" in trainer.observation else {}),
             "backend": job.scaling.backend, "num_workers": trainer.backend.num_workers,
             "stopped": trainer.stop_reason,
             "wall_time_s": round(time.perf_counter() - trainer.t_start, 3),
-            "train_time_s": round(trainer.train_seconds, 3),
+            "train_time_s": round(trainer.train_seconds, 6),
             "samples_per_s": round(trainer.train_samples / trainer.train_seconds, 1) if trainer.train_seconds else None,
             **self.run_times.as_dict(), "ms_per_step": self.run_times.per_step_ms()}
         trainer.summary = summary

@@ -21,9 +21,11 @@ from ..parallel.launch import RESTARTED_BY_LAUNCHER
 from ..parallel.resources import check_memory, note, workers_on_this_node
 from . import checkpoint as ckpt
 from .checkpointer import Checkpointer, RunState
+from .early_stop import EarlyStop
 from .evaluation import Evaluator
 from .extension import Extension
 from .metrics import DivergenceGuard, MetricsLog, TrainTotals
+from .noise_scale import NoiseScaleLog
 from .progress import ProgressReport
 
 
@@ -76,8 +78,11 @@ class Trainer:
     def _extensions(self, data, checkpointer: Checkpointer) -> list[Extension]:
         every = self.log_every
         evaluator = Evaluator(self.job, data, self.backend)
+        t = self.job.training
         exts = [TrainTotals(every), DivergenceGuard(every, self.ckpt_dir), evaluator, checkpointer,
                 ProgressReport(every, self.progress), MetricsLog(self.out_dir, evaluator.trigger, self.echo),
+                *([EarlyStop(self.job, evaluator.trigger)] if t.max_steps or t.target_metric else []),
+                *([NoiseScaleLog(self.job, every)] if self.job.metrics.noise_scale else []),
                 *self.user_extensions]
         # by priority, then in the order given (sorted is stable)
         return sorted(exts, key=lambda e: -e.priority)
@@ -89,6 +94,7 @@ class Trainer:
         ds, data, self.model = prepare_data(job)
         self.classifies = data.classifies
         self.n_train, self.n_test = int(ds.x_train.shape[0]), int(ds.x_test.shape[0])
+        self.n_validation = 0 if ds.x_val is None else int(ds.x_val.shape[0])
         self.data_source = ds.source
         self.steps_per_epoch = steps_per_epoch(self.n_train, job.training.batch_size, job.training.drop_last)
         self.total_steps = self.steps_per_epoch * job.training.epochs

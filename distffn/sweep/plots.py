@@ -1,0 +1,158 @@
+"""A sweep's figures, as PNG files in its folder:
+
+* ``steps_vs_batch.png`` -- log-log: every trial's steps to the target (grey), the best per
+  batch size, the fit S = S_min(1 + B_crit/B), the perfect-scaling line, the regimes shaded;
+* ``time_vs_workers.png`` -- seconds to the target against workers: measured here (markers)
+  and the α-β projection to 1024 workers (dashed, labelled "projection");
+* ``lr_vs_batch.png`` -- the best learning rate per batch size among those tried.
+
+Matplotlib's object-oriented API with the Agg canvas, as :mod:`distffn.plot`.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 100
+REGIME_COLOURS = {"perfect_scaling": "#d9f0d3", "diminishing_returns": "#fee8c8",
+                  "maximal_data_parallelism": "#e7d4e8"}
+
+
+def _save(fig: Figure, path: str) -> str:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _legend(ax, **kw):
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
+def _title(summary: dict) -> str:
+    t = summary["target"]
+    return f"{summary['sweep']}: steps to {t['metric']} {t['value']:g} (≤ {summary['max_epochs']} epochs per trial)"
+
+
+def steps_vs_batch(summary: dict, results: list[dict], path: str) -> str:
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
+    ax = fig.subplots()
+    reached = [r for r in results if r["reached"]]
+    if reached:
+        ax.scatter([r["batch_size"] for r in reached], [r["steps_to_target"] for r in reached],
+                   s=14, color="0.7", label="every trial that reached the target", zorder=2)
+    best = summary["best"]
+    bs = np.array([b["batch_size"] for b in best], np.float64)
+    steps = np.array([b["steps_to_target"] for b in best], np.float64)
+    if len(bs):
+        ax.plot(bs, steps, "o", color="tab:blue", ms=7, label="best steps to target (lr tuned per B)", zorder=3)
+    all_b = sorted({r["batch_size"] for r in results}) or [1]
+    grid = np.geomspace(min(all_b) / 1.5, max(all_b) * 1.5, 200)
+    fit = summary.get("fit")
+    if fit:
+        ax.plot(grid, fit["s_min"] * (1 + fit["b_crit"] / grid), "-", color="tab:red",
+                label=f"fit S = S_min(1 + B_crit/B): S_min {fit['s_min']:.0f}, B_crit {fit['b_crit']:.0f}")
+        ax.axvline(fit["b_crit"], color="tab:red", ls=":", lw=1)
+        lo, hi = grid[0], grid[-1]
+        for name, (a, b) in ((k, v) for k, v in summary["regimes"].items() if k in REGIME_COLOURS):
+            a, b = max(a or lo, lo), min(b or hi, hi)
+            if a < b:
+                ax.axvspan(a, b, color=REGIME_COLOURS[name], zorder=0,
+                           label=name.replace("_", " "))
+    if len(bs):
+        ax.plot(grid, steps[0] * bs[0] / grid, "--", color="0.3", lw=1, label="perfect scaling (steps ∝ 1/B)")
+    if summary.get("b_noise"):
+        ax.axvline(summary["b_noise"], color="tab:green", ls="-.", lw=1,
+                   label=f"measured B_noise (B_simple) {summary['b_noise']:.0f}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    if len(bs):
+        ax.set_ylim(steps.min() / 3, max(steps.max(), max((r["steps_to_target"] for r in reached), default=1)) * 2)
+    ax.set_xlim(grid[0], grid[-1])
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("steps to target")
+    ax.set_title(_title(summary), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    _legend(ax, fontsize=7, loc="lower left")
+    return _save(fig, path)
+
+
+def time_vs_workers(summary: dict, measured: list[dict], path: str) -> str:
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
+    ax = fig.subplots()
+    proj = summary.get("projection") or {}
+    table = proj.get("seconds_to_target") or {}
+    measured_s = summary.get("measured_seconds_to_target") or {}
+    batches = sorted(int(b) for b in table)
+    for i, b in enumerate(batches):
+        colour = f"C{i % 10}"
+        row = table[str(b)]
+        ns = sorted(int(n) for n in row)
+        ax.plot(ns, [row[str(n)] for n in ns], "--", color=colour, lw=1)
+        m = measured_s.get(str(b)) or {}
+        if m:
+            mn = sorted(int(n) for n in m)
+            ax.plot(mn, [m[str(n)] for n in mn], "o", color=colour, ms=6, label=f"B={b}")
+        else:
+            ax.plot([], [], "--", color=colour, label=f"B={b}")
+    if batches:
+        envelope = {}
+        for b in batches:
+            for n, s in table[str(b)].items():
+                envelope[int(n)] = min(envelope.get(int(n), np.inf), s)
+        ns = sorted(envelope)
+        ax.plot(ns, [envelope[n] for n in ns], "-", color="black", lw=2,
+                label="projection: fastest over B")
+        ax.plot([], [], "--", color="0.4", label=f"projection ({proj['network']}, {proj['aggregation']})")
+        ax.plot([], [], "o", color="0.4", label="measured here")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("workers N")
+    ax.set_ylabel("seconds to target (steps × step time)")
+    ax.set_title(f"{summary['sweep']}: measured, and the α-β projection to 1024 workers ({proj.get('network', '')})",
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    _legend(ax, fontsize=7, ncol=2)
+    if not batches:
+        ax.text(0.5, 0.5, "no batch size reached the target", ha="center", transform=ax.transAxes)
+    return _save(fig, path)
+
+
+def lr_vs_batch(summary: dict, results: list[dict], path: str) -> str:
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
+    ax = fig.subplots()
+    kinds = (("reached", dict(marker="o", color="0.6", label="tried: reached the target")),
+             ("pruned", dict(marker="s", facecolors="none", edgecolors="0.6",
+                             label="tried: stopped at the best steps so far (pruned)")),
+             ("diverged", dict(marker="v", color="tab:red", alpha=0.5, label="tried: diverged")),
+             ("missed", dict(marker="x", color="0.6", label="tried: not reached within the budget")))
+
+    def kind(r):
+        return ("reached" if r["reached"] else "pruned" if r.get("pruned") else
+                "diverged" if r.get("diverged") else "missed")
+    for name, style in kinds:
+        pts = [r for r in results if kind(r) == name]
+        if pts:
+            ax.scatter([r["batch_size"] for r in pts], [r["lr"] for r in pts], s=18, **style)
+    best = summary["best"]
+    if best:
+        ax.plot([b["batch_size"] for b in best], [b["lr"] for b in best], "o-", color="tab:blue", ms=7,
+                label="best lr (fewest steps to target)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"{summary['sweep']}: the learning rate tuned per batch size", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    _legend(ax, fontsize=8)
+    return _save(fig, path)
+
+
+def draw_all(summary: dict, results: list[dict], measured: list[dict], out: str) -> list[str]:
+    """The three figures; returns their paths."""
+    return [steps_vs_batch(summary, results, os.path.join(out, "steps_vs_batch.png")),
+            time_vs_workers(summary, measured, os.path.join(out, "time_vs_workers.png")),
+            lr_vs_batch(summary, results, os.path.join(out, "lr_vs_batch.png"))]

@@ -1,0 +1,118 @@
+"""The α-β model: step time on N workers from what was measured here, projected to cluster
+scale over a network preset from :data:`NETWORKS`.
+
+    step(B, N) = fixed + per_sample · ⌈B/N⌉ + [N > 1] · (sync + allreduce(N))
+    allreduce(N) = 2(N−1)·α + 2(N−1)/N · n·β        (ring; each worker sends and receives
+                                                     2(N−1)/N of the n bytes of ΔΘ)
+    central(N)   = 2·α + 2N · n·β                     (one aggregator receives N gradients
+                                                     and sends Θ back N times)
+
+``fixed`` (per-step overhead: the update, launching the step) and ``per_sample`` (forward and
+backward per sample) are fitted to the 1-worker timed runs; ``sync`` is what a distributed
+step measured here costs beyond its compute (the handshake before each collective, MPI's
+software path, the local copy), which a cluster pays as well; α is a message's latency and β
+the time per byte of the network preset. Every figure built from it is a *projection*, and
+says so.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..registry import Registry
+
+NETWORKS = Registry("network", "network")
+
+
+@dataclass(frozen=True)
+class Network:
+    """A link: ``alpha`` seconds per message, ``beta`` seconds per byte."""
+    alpha: float
+    beta: float
+
+
+def _register(name: str, alpha: float, gbit_per_s: float, doc: str):
+    NETWORKS.register(name, Network(alpha, 8.0 / (gbit_per_s * 1e9)), doc=doc)
+
+
+# Line rates from the standards; latencies are typical one-way MPI small-message latencies
+# (kernel TCP for Ethernet). Real links reach 70-95 % of the line rate, so these projections
+# are optimistic about bandwidth.
+_register("10gbe", 20e-6, 10, "10 Gb/s Ethernet: α = 20 µs, β = 0.8 ns/B (IEEE 802.3ae line rate; "
+          "α: MPI over kernel TCP, typical)")
+_register("25gbe", 15e-6, 25, "25 Gb/s Ethernet: α = 15 µs, β = 0.32 ns/B (IEEE 802.3by line rate; "
+          "α: MPI over kernel TCP, typical)")
+_register("100gbe", 10e-6, 100, "100 Gb/s Ethernet: α = 10 µs, β = 0.08 ns/B (IEEE 802.3ba line rate; "
+          "α: MPI over kernel TCP, typical)")
+_register("ib-hdr", 1e-6, 200, "InfiniBand HDR: α = 1 µs, β = 0.04 ns/B (200 Gb/s per port, IBTA HDR; "
+          "α: NVIDIA ConnectX-6 datasheet, < 1 µs MPI latency)")
+_register("nvlink", 3e-6, 2400, "NVLink 3 (A100, in one node): α = 3 µs, β = 0.0033 ns/B (300 GB/s "
+          "per direction, NVIDIA A100 datasheet; α: NCCL's small-message latency, typical)")
+
+
+def communication_seconds(n_bytes: float, workers: int, net: Network, aggregation: str = "allreduce") -> float:
+    """Seconds to sum ΔΘ of ``n_bytes`` over ``workers`` and hand every worker the result."""
+    n = workers
+    if n <= 1:
+        return 0.0
+    if aggregation == "central":
+        return 2 * net.alpha + 2 * n * n_bytes * net.beta
+    return 2 * (n - 1) * net.alpha + 2 * (n - 1) / n * n_bytes * net.beta
+
+
+@dataclass
+class StepModel:
+    """Step time on N workers: ``fixed + per_sample·⌈B/N⌉ + [N > 1]·(sync + communication(N))``,
+    with the compute terms fitted to the measured 1-worker step times and ``sync`` to the
+    measured N > 1 ones."""
+    fixed: float            # seconds per step that do not grow with the batch
+    per_sample: float       # seconds per sample of a worker's shard
+    n_bytes: int            # ΔΘ's size (float32)
+    sync: float = 0.0       # seconds a distributed step costs beyond compute, measured here
+
+    def compute_seconds(self, batch: int, workers: int) -> float:
+        return self.fixed + self.per_sample * math.ceil(batch / workers)
+
+    def step_seconds(self, batch: int, workers: int, net: Network, aggregation: str = "allreduce") -> float:
+        if workers <= 1:
+            return self.compute_seconds(batch, 1)
+        return (self.compute_seconds(batch, workers) + self.sync
+                + communication_seconds(self.n_bytes, workers, net, aggregation))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_step_model(one_worker: dict[int, float], n_bytes: int) -> StepModel:
+    """Least squares in relative error of ``step = fixed + per_sample · B`` over the measured
+    1-worker step times ``{B: seconds}`` (both terms kept non-negative)."""
+    b = np.array(sorted(one_worker), np.float64)
+    t = np.array([one_worker[k] for k in sorted(one_worker)], np.float64)
+    if len(b) == 1:
+        return StepModel(0.0, float(t[0] / b[0]), n_bytes)
+    a = np.stack([np.ones_like(b), b], axis=1) / t[:, None]        # rows scaled by 1/t
+    (fixed, per_sample), *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
+    if fixed < 0:
+        fixed, per_sample = 0.0, float(np.sum(b * t / t ** 2) / np.sum(b * b / t ** 2))
+    if per_sample < 0:
+        fixed, per_sample = float(np.mean(t)), 0.0
+    return StepModel(float(fixed), float(per_sample), n_bytes)
+
+
+def fit_sync(model: StepModel, measured: dict[tuple[int, int], float]) -> StepModel:
+    """``model`` with ``sync`` set to the median of what the measured N > 1 step times
+    ``{(B, N): seconds}`` add to the fitted compute (0 without any)."""
+    extra = [max(0.0, s - model.compute_seconds(b, n)) for (b, n), s in measured.items() if n > 1]
+    model.sync = float(np.median(extra)) if extra else 0.0
+    return model
+
+
+def worker_counts(batch: int, most: int = 1024) -> list[int]:
+    """1, 2, 4, ... up to ``most``, each at most ``batch`` (a worker needs a sample)."""
+    out, n = [], 1
+    while n <= min(most, batch):
+        out.append(n)
+        n *= 2
+    return out

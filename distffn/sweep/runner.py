@@ -1,0 +1,239 @@
+"""``distffn sweep``: the whole scaling experiment in one resumable command.
+
+1. convergence trials: steps to the target for every batch size × learning rate × momentum,
+   on one worker (N workers at global batch B train the model of one, so the steps do not
+   depend on N; tests/parallel prove it);
+2. timed runs: the step time at every batch size × worker count, a few steps each;
+3. the gradient noise scale B_simple at each batch size's best trial's final checkpoint
+   (where it reached the target);
+4. analysis: the best trial per batch size, the critical-batch fit, the regimes, the α-β
+   projection to 1024 workers; ``results.csv``, ``summary.json`` and three PNG plots.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import asdict
+from typing import Callable, Optional
+
+import yaml
+
+from ..data.prepare import prepare_data
+from ..errors import UserError
+from ..training.metrics import write_json
+from ..training.noise_scale import estimate_checkpoint
+from ..training.run_lock import RunLock
+from . import fit as fitting
+from . import plots, projection
+from .spec import SweepSpec
+from .trials import plan_timings, plan_trials, promising_first, result_rows, run_timing, run_trials, write_csv
+
+NOISE = "noise.json"
+NOISE_SMALL, NOISE_BIG = 256, 4096       # batch pairs for the measured B_simple
+
+
+def check_timing_backend(spec: SweepSpec) -> None:
+    """A sweep that times N > 1 workers needs their backend; say so before hours of trials."""
+    if max(spec.num_workers) == 1:
+        return
+    if spec.timing_backend == "mpi":
+        from ..parallel.mpi_env import check_mpi4py, find_mpiexec
+        try:
+            check_mpi4py()
+            find_mpiexec(single_node=True)
+        except UserError as e:
+            raise UserError(f"timing_backend: mpi times the N > 1 runs and needs MPI ({e}); install "
+                            f"the mpi extra, or use num_workers: [1]") from None
+    elif spec.timing_backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UserError("timing_backend: ray needs Ray; install the ray extra") from None
+
+
+def run_sweep(spec: SweepSpec, base, out: str, command: str, echo: Callable[[str], None] = print,
+              progress: Optional[bool] = None) -> dict:
+    """Run (or resume) the sweep into ``out``; returns the summary."""
+    lock = RunLock(out).acquire()
+    try:
+        return _run(spec, base, out, command, echo, progress)
+    finally:
+        lock.release()
+
+
+def _run(spec, base, out, command, echo, progress) -> dict:
+    ds, _, model = prepare_data(base)
+    n_train = int(ds.x_train.shape[0])
+    too_big = [b for b in spec.batch_sizes if b > n_train]
+    if too_big:
+        raise UserError(f"batch_sizes: {too_big[0]} is larger than the {n_train:,} training samples of the "
+                        f"base job's data ({base.data.dataset}"
+                        f"{', after data.validation_fraction' if ds.x_val is not None else ''})")
+    check_timing_backend(spec)
+    job_path = os.path.join(out, "job.yaml")
+    os.makedirs(out, exist_ok=True)
+    with open(job_path, "w") as f:
+        f.write(base.to_yaml())
+    dump_spec(spec, os.path.join(out, "sweep.yaml"))
+    base_raw = base.to_dict()
+    trials = promising_first(plan_trials(spec, base, n_train))
+    timings = plan_timings(spec, base, n_train)
+    echo(f"sweep {spec.name}: {len(trials)} trials ({len(spec.batch_sizes)} batch sizes × "
+         f"{len(trials) // len(spec.batch_sizes)} settings, ≤ {spec.max_epochs} epochs each, target "
+         f"{spec.target.metric} {spec.target.value:g}), then {len(timings)} timed runs; folder {out}")
+
+    def interim(done: dict):             # results.csv grows as trials finish
+        write_csv(os.path.join(out, "results.csv"), result_rows(list(done.values()), {}, [1]))
+    results = run_trials(trials, base_raw, out, job_path, command, spec.concurrency, echo, progress, interim,
+                         spec.prune)
+
+    step_times = {}
+    measured = []
+    threads = max(1, (os.cpu_count() or 1) // max(spec.num_workers))
+    for t in timings:
+        m = run_timing(t, job_path, out, threads)
+        measured.append(m)
+        step_times[(t.batch_size, t.num_workers)] = m["step_seconds"]
+        echo(f"timed B={t.batch_size} N={t.num_workers} ({t.backend}): {1e3 * m['step_seconds']:.3f} ms/step")
+    rows = result_rows(list(results.values()), step_times, spec.num_workers)
+    write_csv(os.path.join(out, "results.csv"), rows)
+
+    summary = analyse(spec, base, list(results.values()), measured, model.num_params, n_train, out, echo)
+    summary["command"] = command
+    write_json(os.path.join(out, "summary.json"), summary)
+    summary["plots"] = plots.draw_all(summary, list(results.values()), measured, out)
+    write_json(os.path.join(out, "summary.json"), summary)
+    for line in closing_lines(summary):
+        echo(line)
+    return summary
+
+
+def best_per_batch(results: list[dict]) -> dict[int, dict]:
+    """The trial with the fewest steps to the target at each batch size (ties: smaller lr)."""
+    best: dict[int, dict] = {}
+    for r in sorted(results, key=lambda r: (r["batch_size"], r["lr"], r.get("momentum") or 0)):
+        if r["reached"] and (r["batch_size"] not in best
+                             or r["steps_to_target"] < best[r["batch_size"]]["steps_to_target"]):
+            best[r["batch_size"]] = r
+    return best
+
+
+def measure_noise(spec: SweepSpec, best: dict[int, dict], out: str, echo) -> dict[int, dict]:
+    """B_simple at each batch size's best trial's final checkpoint (kept in its noise.json)."""
+    found = {}
+    for b, r in sorted(best.items()):
+        run_dir = os.path.join(out, "trials", r["trial"])
+        path = os.path.join(run_dir, NOISE)
+        try:
+            with open(path) as f:
+                est = json.load(f)
+        except (OSError, ValueError):
+            est = estimate_checkpoint(run_dir, batches=spec.noise_batches, small=NOISE_SMALL, big=NOISE_BIG)
+            write_json(path, est)
+        found[b] = est
+        if est["b_simple"] is not None:
+            echo(f"B_simple at B={b}'s target (step {est['step']}): {est['b_simple']:.0f} ± {est['b_simple_se']:.0f}")
+    return found
+
+
+def analyse(spec: SweepSpec, base, results: list[dict], measured: list[dict], num_params: int,
+            n_train: int, out: str, echo=print) -> dict:
+    """summary.json: best trials, the fit, B_noise, the regimes, the step-time model and the
+    projection."""
+    best = best_per_batch(results)
+    best_steps = {b: r["steps_to_target"] for b, r in best.items()}
+    fit = fitting.fit_critical_batch(best_steps)
+    noise = measure_noise(spec, best, out, echo)
+    values = [e["b_simple"] for e in noise.values() if e.get("b_simple") is not None]
+    b_noise = statistics.median(values) if values else None
+    summary = {
+        "sweep": spec.name, "base_job": spec.job, "target": {"metric": spec.target.metric, "value": spec.target.value},
+        "max_epochs": spec.max_epochs, "n_train": n_train, "num_params": num_params,
+        "trials": len(results), "reached": sum(r["reached"] for r in results),
+        "best": [{k: best[b][k] for k in ("batch_size", "lr", "momentum", "steps_to_target",
+                                          "samples_to_target", "epochs_to_target", "trial")}
+                 for b in sorted(best)],
+        "not_reached": [b for b in spec.batch_sizes if b not in best],
+        "fit": fit.as_dict() if fit else None,
+        "s_min": fit.s_min if fit else None, "e_min": fit.e_min if fit else None,
+        "b_crit": fit.b_crit if fit else None,
+        "b_noise": b_noise, "b_noise_per_batch": {str(b): e.get("b_simple") for b, e in noise.items()},
+        "b_noise_se_per_batch": {str(b): e.get("b_simple_se") for b, e in noise.items()},
+        "b_crit_over_b_noise": fit.b_crit / b_noise if fit and b_noise else None,
+        "measured_slopes": {str(b): s for b, s in fitting.local_slopes(best_steps).items()},
+    }
+    if fit:
+        tol = spec.regime_tolerance
+        summary["regimes"] = {**fitting.regime_bounds(fit.b_crit, tol), "tolerance": tol,
+                              "by_batch_size": {str(b): fitting.regime_of(b, fit.b_crit, tol) for b in spec.batch_sizes}}
+    summary.update(project(spec, base, best_steps, measured, num_params))
+    return summary
+
+
+def project(spec: SweepSpec, base, best_steps: dict[int, int], measured: list[dict], num_params: int) -> dict:
+    """The step-time model fitted here and seconds-to-target projected to 1024 workers."""
+    one = {m["batch_size"]: m["step_seconds"] for m in measured if m["num_workers"] == 1}
+    if not one:
+        return {"step_model": None, "projection": None}
+    times = {(m["batch_size"], m["num_workers"]): m["step_seconds"] for m in measured}
+    aggregation = next((m["aggregation"] for m in measured if m["num_workers"] > 1 and m.get("aggregation")),
+                       "allreduce" if base.scaling.aggregation == "auto" else base.scaling.aggregation)
+    model = projection.fit_sync(projection.fit_step_model(one, 4 * num_params), times)
+    # here the link's own cost is inside `sync`: the model checked against what was measured
+    checks = [{"batch_size": b, "num_workers": n, "measured_s": s,
+               "model_s": model.step_seconds(b, n, projection.Network(0.0, 0.0), aggregation)}
+              for (b, n), s in sorted(times.items())]
+    net = projection.NETWORKS.get(spec.network)
+    by_net = {}
+    for name, link in projection.NETWORKS.items():
+        table = {b: {n: steps * model.step_seconds(b, n, link, aggregation)
+                     for n in projection.worker_counts(b)} for b, steps in best_steps.items()}
+        fastest = min(((s, b, n) for b, row in table.items() for n, s in row.items()), default=None)
+        by_net[name] = {"fastest": None if fastest is None else
+                        {"seconds": fastest[0], "batch_size": fastest[1], "num_workers": fastest[2]},
+                        "table": table}
+    chosen = by_net[spec.network]
+    return {
+        "step_model": {**model.as_dict(), "aggregation": aggregation, "checks": checks},
+        "measured_seconds_to_target": {str(b): {str(n): best_steps[b] * s for (bb, n), s in times.items() if bb == b}
+                                       for b in best_steps},
+        "projection": {"label": "projection", "network": spec.network, "alpha": net.alpha, "beta": net.beta,
+                       "aggregation": aggregation,
+                       "seconds_to_target": {str(b): {str(n): s for n, s in row.items()}
+                                             for b, row in chosen["table"].items()},
+                       "fastest_by_network": {name: v["fastest"] for name, v in by_net.items()}},
+    }
+
+
+def closing_lines(summary: dict) -> list[str]:
+    lines = []
+    if summary.get("fit"):
+        f = summary["fit"]
+        lines.append(f"fit S = S_min(1 + B_crit/B): S_min {f['s_min']:.1f} steps, B_crit {f['b_crit']:.0f}, "
+                     f"E_min {f['e_min']:.0f} samples (rms log error {f['rms_log_error']:.3f})")
+        r = summary["regimes"]
+        lines.append(f"regimes: perfect scaling B ≤ {r['perfect_scaling'][1]:.0f}, diminishing returns up to "
+                     f"{r['diminishing_returns'][1]:.0f}, maximal data parallelism beyond")
+    else:
+        lines.append("fit: needs at least 3 batch sizes that reached the target")
+    if summary.get("b_noise") is not None:
+        ratio = summary.get("b_crit_over_b_noise")
+        lines.append(f"B_noise (measured B_simple, median over batch sizes) {summary['b_noise']:.0f}"
+                     + (f"; B_crit / B_noise = {ratio:.2f}" if ratio else ""))
+    if summary.get("not_reached"):
+        lines.append(f"target not reached within {summary['max_epochs']} epochs at batch sizes "
+                     f"{', '.join(map(str, summary['not_reached']))}")
+    proj = summary.get("projection")
+    if proj:
+        fast = proj["fastest_by_network"][proj["network"]]
+        if fast:
+            lines.append(f"projection ({proj['network']}): fastest {fast['seconds']:.2f} s to target with "
+                         f"B={fast['batch_size']} on {fast['num_workers']} workers")
+    return lines
+
+
+def dump_spec(spec: SweepSpec, path: str) -> None:
+    """The resolved sweep spec, for the record."""
+    with open(path, "w") as f:
+        yaml.safe_dump(asdict(spec), f, sort_keys=False)

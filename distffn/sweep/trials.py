@@ -1,0 +1,351 @@
+"""Running a sweep's runs and resuming them: convergence trials (steps to the target at each
+batch size, learning rate and momentum, on one worker) and timed runs (the step time at each
+batch size and worker count).
+
+Every run is an ordinary run folder: a trial is ``distffn run SWEEP_DIR/job.yaml`` with the
+``--set`` overrides its ``result.json`` lists, so ``distffn plot`` works on it and any row of
+``results.csv`` can be reproduced. A trial is finished when its ``result.json`` exists; one
+that was killed continues from its newest checkpoint. Trials run one at a time in this
+process, or side by side as Ray tasks (``concurrency`` > 1); timed runs always run alone,
+so that nothing else competes for the cores they are timed on.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import yaml
+
+from ..data.sharding import steps_per_epoch
+from ..errors import RunFailed, UserError
+from ..jobspec import apply_overrides, from_dict
+from ..training import Trainer, TrainingDiverged
+from ..training import checkpoint as ckpt
+from ..training.metrics import write_json
+from ..training.progress import ProgressBar
+
+RESULT = "result.json"       # a finished trial's outcome
+TRIAL = "trial.json"         # the trial a folder holds (a changed sweep starts it afresh)
+CSV_COLUMNS = ["batch_size", "num_workers", "lr", "momentum", "reached", "steps_to_target",
+               "samples_to_target", "epochs_to_target", "seconds_to_target", "step_seconds",
+               "best_metric", "diverged", "pruned", "eval_every", "trial"]
+
+
+@dataclass
+class Trial:
+    """One convergence trial: the base job at (batch size, lr, momentum) on one worker, for
+    at most ``max_epochs``, stopped at the first evaluation that reaches the target."""
+    batch_size: int
+    lr: float
+    momentum: Optional[float]          # None: the base job's
+    eval_every: int
+    max_epochs: int
+    target_metric: str
+    target_value: float
+    warmup_steps: Optional[int] = None
+
+    @property
+    def id(self) -> str:
+        m = "" if self.momentum is None else f"-m{self.momentum:g}"
+        return f"b{self.batch_size:06d}-lr{self.lr:.6g}{m}"
+
+    def overrides(self) -> list[str]:
+        """The ``--set`` values that make the base job this trial."""
+        sets = [f"training.batch_size={self.batch_size}", f"optimizer.lr={self.lr!r}",
+                f"training.epochs={self.max_epochs}", f"training.eval_every={self.eval_every}",
+                f"training.target_metric={self.target_metric}", f"training.target_value={self.target_value!r}",
+                "scaling.backend=local", "scaling.num_workers=1", "checkpoint.num_to_keep=1"]
+        if self.momentum is not None:
+            sets.append(f"optimizer.momentum={self.momentum!r}")
+        if self.warmup_steps is not None:
+            sets.append(f"optimizer.warmup_steps={self.warmup_steps}")
+        return sets
+
+
+@dataclass
+class Timing:
+    """A timed run: ``steps`` steps at batch size B on N workers (backend ``backend``)."""
+    batch_size: int
+    num_workers: int
+    backend: str
+    steps: int
+    epochs: int
+
+    @property
+    def id(self) -> str:
+        return f"b{self.batch_size:06d}-n{self.num_workers}"
+
+    def overrides(self) -> list[str]:
+        return [f"training.batch_size={self.batch_size}", f"scaling.num_workers={self.num_workers}",
+                f"scaling.backend={self.backend}", f"training.max_steps={self.steps}",
+                f"training.epochs={self.epochs}", "training.eval_every=0", "training.target_metric=null",
+                "training.target_value=null", "checkpoint.num_to_keep=1", "failure.max_failures=0"]
+
+
+def plan_trials(spec, base, n_train: int) -> list[Trial]:
+    """Every (batch size, lr, momentum) of the sweep, smallest batch first."""
+    out = []
+    for b in spec.batch_sizes:
+        momenta = spec.momenta(base) if spec.momentum is not None else [None]
+        for lr in spec.rates(b):
+            for m in momenta:
+                out.append(Trial(b, lr, m, spec.eval_steps(n_train, b, base.training.drop_last),
+                                 spec.max_epochs, spec.target.metric, spec.target.value,
+                                 spec.warmup_steps(n_train, b, base.training.drop_last)))
+    return out
+
+
+def plan_timings(spec, base, n_train: int) -> list[Timing]:
+    """Every (batch size, worker count) with at least one sample per worker."""
+    out = []
+    for b in spec.batch_sizes:
+        spe = steps_per_epoch(n_train, b, base.training.drop_last)
+        for n in spec.num_workers:
+            if n <= b:
+                out.append(Timing(b, n, "local" if n == 1 else spec.timing_backend, spec.timing_steps,
+                                  max(1, math.ceil(spec.timing_steps / spe))))
+    return out
+
+
+# ---------------------------------------------------------------- one trial
+
+def _read(run_dir: str, name: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(run_dir, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_result(run_dir: str) -> Optional[dict]:
+    """A finished trial's ``result.json``, or None."""
+    return _read(run_dir, RESULT)
+
+
+def run_trial(base_raw: dict, trial: dict, run_dir: str, job_path: str, resume_command: str,
+              max_steps: Optional[int] = None) -> dict:
+    """Train one trial (a :class:`Trial` as a dict) into ``run_dir``, continuing from its
+    checkpoints if a killed attempt left some; writes and returns its ``result.json``.
+    ``max_steps``: stop there (pruned: the best trial at this batch size took no more). A
+    module-level function of plain data, so that a Ray task can run it too."""
+    t = Trial(**trial)
+    sets = t.overrides() + ([f"training.max_steps={max_steps}"] if max_steps else [])
+    job = from_dict(apply_overrides(base_raw, sets), source=f"trial {t.id}")
+    resume = bool(ckpt.list_checkpoints(os.path.join(run_dir, "checkpoints")))
+    os.makedirs(run_dir, exist_ok=True)
+    write_json(os.path.join(run_dir, TRIAL), trial)          # what this folder holds
+    diverged = None
+    summary = _read(run_dir, "summary.json") or {}
+    if not (summary.get("target") or {}).get("reached"):
+        # (a run that reached the target and was killed before result.json is done: its last
+        # checkpoint is past the evaluation that found the target, so it must not go on)
+        try:
+            summary = Trainer(job, run_dir, resume=resume, progress=False, echo=lambda s: None,
+                              resume_command=resume_command).run()
+        except TrainingDiverged as e:         # a rate too large for this batch size: a result
+            diverged, summary = str(e), {}
+    target = summary.get("target") or {}
+    reached = bool(target.get("reached"))
+    result = {
+        **trial, "trial": t.id, "reached": reached,
+        "steps_to_target": target.get("step") if reached else None,
+        "samples_to_target": target.get("samples") if reached else None,
+        "epochs_to_target": target.get("epoch") if reached else None,
+        "metric_at_target": target.get("observed"),
+        "best_metric": target.get("observed") if reached else target.get("best"),
+        "diverged": diverged, "steps_run": summary.get("step"),
+        "pruned": bool(max_steps) and not reached and not diverged and summary.get("step") == max_steps,
+        "train_seconds": summary.get("train_time_s"),
+        "command": " ".join(["distffn", "run", job_path, "--out", run_dir,
+                             *(x for o in sets for x in ("--set", o))]),
+    }
+    write_json(os.path.join(run_dir, RESULT), result)
+    return result
+
+
+def _ray_trial(base_raw, trial, run_dir, job_path, resume_command, threads):
+    """A trial in a Ray task, with the BLAS threads of the task's CPUs."""
+    from ..xp import limit_blas_threads
+    limit_blas_threads(threads)
+    return run_trial(base_raw, trial, run_dir, job_path, resume_command)
+
+
+def promising_first(trials: list[Trial]) -> list[Trial]:
+    """Within each batch size, the middle of the learning-rate grid first: the best trial is
+    likely there, and pruning then stops the others sooner."""
+    by_batch: dict[int, list[Trial]] = {}
+    for t in trials:
+        by_batch.setdefault(t.batch_size, []).append(t)
+    out = []
+    for b in sorted(by_batch):
+        group = by_batch[b]
+        rates = sorted({t.lr for t in group})
+        middle = math.log(rates[(len(rates) - 1) // 2])
+        out += sorted(group, key=lambda t: (abs(math.log(t.lr) - middle), t.lr))
+    return out
+
+
+def trial_line(r: dict, done: int, total: int) -> str:
+    """One line per finished trial."""
+    head = f"[{done:>{len(str(total))}}/{total}] B={r['batch_size']} lr={r['lr']:.4g}" + (
+        "" if r.get("momentum") is None else f" momentum={r['momentum']:g}")
+    if r["reached"]:
+        return (f"{head}: {r['target_metric']} {r['metric_at_target']:.4g} at step {r['steps_to_target']} "
+                f"({r['epochs_to_target']:g} epochs)")
+    why = ("diverged" if r.get("diverged") else
+           f"pruned at step {r['steps_run']} (no fewer steps than the best at B={r['batch_size']})"
+           if r.get("pruned") else f"not reached in {r['max_epochs']} epochs")
+    best = "" if r.get("best_metric") is None else f" (best {r['best_metric']:.4g})"
+    return f"{head}: {why}{best}"
+
+
+def run_trials(trials: list[Trial], base_raw: dict, out: str, job_path: str, resume_command: str,
+               concurrency: int = 1, echo: Callable[[str], None] = print, progress: Optional[bool] = None,
+               on_result: Callable[[dict], None] = lambda results: None, prune: bool = True) -> dict[str, dict]:
+    """Run every trial not finished yet; returns ``{trial id: result}`` for all of them.
+    ``on_result`` gets that mapping, so far, after each trial. With ``prune``, a trial run
+    one at a time stops once it has taken as many steps as the best trial so far at its
+    batch size: it can no longer have the fewest steps."""
+    results, todo = {}, []
+    for t in trials:
+        run_dir = os.path.join(out, "trials", t.id)
+        if _read(run_dir, TRIAL) != asdict(t):
+            shutil.rmtree(run_dir, ignore_errors=True)      # another sweep's trial, or none
+        r = read_result(run_dir)
+        if r is not None:
+            results[t.id] = r
+        else:
+            todo.append(t)
+    if results:
+        echo(f"{len(results)} of {len(trials)} trials already finished; {len(todo)} to run")
+    bar = ProgressBar(len(trials), "sweep", enabled=progress)
+    bar.update(len(results))
+
+    def finished(r):
+        results[r["trial"]] = r
+        bar.close()
+        echo(trial_line(r, len(results), len(trials)))
+        bar.update(len(results))
+        on_result(results)
+
+    def budget(t: Trial) -> Optional[int]:
+        steps = [r["steps_to_target"] for r in results.values() if r["batch_size"] == t.batch_size and r["reached"]]
+        return min(steps) if prune and steps else None
+
+    args = [(base_raw, asdict(t), os.path.join(out, "trials", t.id), job_path, resume_command) for t in todo]
+    if concurrency <= 1 or len(todo) <= 1:
+        for t, a in zip(todo, args):
+            finished(run_trial(*a, max_steps=budget(t)))
+    else:
+        _on_ray(args, concurrency, finished)
+    bar.close()
+    return results
+
+
+def _on_ray(args: list[tuple], concurrency: int, finished: Callable[[dict], None]):
+    """Every trial as a Ray task of one CPU on a Ray of the sweep's own with ``concurrency``
+    CPUs (or on the cluster at ``$RAY_ADDRESS``); Ray decides what runs when."""
+    from ..parallel.ray_cluster import _import_ray, start_own_ray, stop_own_ray
+    address = os.environ.get("RAY_ADDRESS") or None
+    ray = _import_ray(local=address is None)
+    own = None
+    if address is None:
+        own = start_own_ray(ray, concurrency, log_to_driver=False)
+    else:
+        ray.init(address=address, logging_level="warning")
+    try:
+        task = ray.remote(num_cpus=1)(_ray_trial)
+        pending = [task.remote(*a, 1) for a in args]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                finished(ray.get(ready[0]))
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, UserError):
+                    raise UserError(str(cause)) from None
+                raise RunFailed(f"a trial failed on Ray: {cause or e}") from None
+    finally:
+        if own is not None:
+            stop_own_ray(ray, *own)
+        else:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------- timed runs
+
+def run_timing(timing: Timing, job_path: str, out: str, threads: int) -> dict:
+    """One timed run as a ``distffn run`` of its own (so MPI's launcher can start its ranks);
+    returns ``{batch_size, num_workers, backend, step_seconds, ms_per_step, steps}``. A run
+    without a summary (killed) is started again from scratch: its times would mix two lives."""
+    run_dir = os.path.join(out, "timing", timing.id)
+    summary_path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(summary_path):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cmd = [sys.executable, "-m", "distffn", "run", job_path, "--out", run_dir, "--no-progress",
+               *(x for o in timing.overrides() for x in ("--set", o))]
+        # one worker gets the cores one of the N workers has, so that compute per sample is
+        # the same in every timed run (the step-time model assumes it)
+        env = dict(os.environ)
+        if timing.num_workers == 1:
+            env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        if p.returncode != 0:
+            last = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+            last = last.removeprefix("distffn: error: ")
+            raise (UserError if p.returncode == 2 else RunFailed)(f"timed run {timing.id} ({timing.backend}): {last}")
+    with open(summary_path) as f:
+        s = json.load(f)
+    steps = s["step"]
+    return {"batch_size": timing.batch_size, "num_workers": timing.num_workers, "backend": timing.backend,
+            "aggregation": _aggregation(run_dir), "steps": steps,
+            "step_seconds": s["train_time_s"] / steps, "ms_per_step": s.get("ms_per_step")}
+
+
+def _aggregation(run_dir: str) -> Optional[str]:
+    try:
+        with open(os.path.join(run_dir, "job.yaml")) as f:
+            return (yaml.safe_load(f).get("scaling") or {}).get("aggregation")
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+# ---------------------------------------------------------------- results.csv
+
+def result_rows(results: list[dict], step_seconds: dict[tuple[int, int], float],
+                workers: list[int]) -> list[dict]:
+    """One row per trial and worker count: seconds to target = steps × the measured step
+    time at (B, N) (N workers at batch B train the model of one, so the steps are the same)."""
+    rows = []
+    for r in sorted(results, key=lambda r: (r["batch_size"], r["lr"], r.get("momentum") or 0)):
+        for n in workers:
+            if n > r["batch_size"]:
+                continue
+            t = step_seconds.get((r["batch_size"], n))
+            steps = r["steps_to_target"]
+            rows.append({
+                "batch_size": r["batch_size"], "num_workers": n, "lr": r["lr"],
+                "momentum": r.get("momentum"), "reached": r["reached"], "steps_to_target": steps,
+                "samples_to_target": r["samples_to_target"], "epochs_to_target": r["epochs_to_target"],
+                "seconds_to_target": None if steps is None or t is None else round(steps * t, 4),
+                "step_seconds": None if t is None else round(t, 6), "best_metric": r.get("best_metric"),
+                "diverged": bool(r.get("diverged")), "pruned": bool(r.get("pruned")), "eval_every": r["eval_every"],
+                "trial": os.path.join("trials", r["trial"])})
+    return rows
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, CSV_COLUMNS)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+    os.replace(tmp, path)

@@ -1,0 +1,184 @@
+"""A whole sweep on digits, end to end: trials are plain runs, the steps to the target fall
+with the batch size and fall less at the large end, N workers need the steps of 1, the
+outputs are there, and the same command again resumes."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import sys
+
+import pytest
+import yaml
+
+from distffn.cli import main
+from distffn.plot import plot_comparison
+
+from helpers import MPIEXEC, run_group
+
+MPI = os.access(MPIEXEC, os.X_OK)
+JOBS = os.path.join(os.path.dirname(__file__), "..", "..", "jobs")
+SHIPPED = os.path.join(JOBS, "digits-sweep.yaml")
+BATCHES = [8, 32, 128, 512]
+QUICK = [f"batch_sizes={BATCHES}", f"num_workers={[1, 2] if MPI else [1]}", "timing_steps=20", "noise_batches=10"]
+LRS = 6                                     # the shipped sweep's grid
+
+
+def write(folder, **changes):
+    """A sweep file of the shipped one's keys with ``changes``, next to its base job."""
+    folder.mkdir(exist_ok=True)
+    with open(os.path.join(JOBS, "digits-sweep-job.yaml")) as f:
+        (folder / "digits-sweep-job.yaml").write_text(f.read())
+    with open(SHIPPED) as f:
+        spec = yaml.safe_load(f)
+    (folder / "sweep.yaml").write_text(yaml.safe_dump({**spec, "num_workers": [1], **changes}))
+    return str(folder / "sweep.yaml")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """The shipped digits sweep on four batch sizes: the README's example, tested."""
+    folder = tmp_path_factory.mktemp("sweep")
+    out = folder / "out"
+    code = main(["sweep", SHIPPED, "--out", str(out), "--no-progress", *(x for q in QUICK for x in ("--set", q))])
+    assert code == 0
+    return folder, out
+
+
+def rows(out):
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def results(out):
+    return [json.loads((out / "trials" / d / "result.json").read_text()) for d in os.listdir(out / "trials")]
+
+
+def test_outputs_one_row_per_trial_and_worker_count(sweep):
+    _, out = sweep
+    r = rows(out)
+    assert len(r) == len(BATCHES) * LRS * (2 if MPI else 1)
+    for key in ("batch_size", "num_workers", "lr", "reached", "steps_to_target", "samples_to_target",
+                "seconds_to_target", "step_seconds"):
+        assert key in r[0]
+    for row in r:
+        if row["reached"] == "True":
+            assert float(row["seconds_to_target"]) == pytest.approx(
+                int(row["steps_to_target"]) * float(row["step_seconds"]), rel=1e-2, abs=1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("s_min", "e_min", "b_crit", "b_noise", "regimes", "best", "projection", "step_model"):
+        assert summary[key] is not None, key
+    assert summary["e_min"] == pytest.approx(summary["s_min"] * summary["b_crit"])
+    assert summary["projection"]["label"] == "projection"
+    assert max(int(n) for n in summary["projection"]["seconds_to_target"]["512"]) == 512
+    for png in ("steps_vs_batch.png", "time_vs_workers.png", "lr_vs_batch.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 200_000
+
+
+def test_steps_fall_with_the_batch_size_and_fall_less_at_the_large_end(sweep):
+    _, out = sweep
+    best = {b["batch_size"]: b["steps_to_target"] for b in json.loads((out / "summary.json").read_text())["best"]}
+    assert sorted(best) == BATCHES
+    s = [best[b] for b in sorted(best)]
+    assert s[0] > s[1] > s[2] >= s[3]
+    assert s[0] / s[1] > s[2] / s[3]                 # diminishing returns at the large end
+    summary = json.loads((out / "summary.json").read_text())
+    assert BATCHES[0] < summary["b_crit"] < BATCHES[-1] * 4
+
+
+def test_the_best_rate_is_the_one_with_fewest_steps_and_others_are_pruned_at_it(sweep):
+    _, out = sweep
+    by_batch = {}
+    for r in results(out):
+        by_batch.setdefault(r["batch_size"], []).append(r)
+    summary = json.loads((out / "summary.json").read_text())
+    for b, group in by_batch.items():
+        reached = {r["steps_to_target"] for r in group if r["reached"]}
+        best = next(x for x in summary["best"] if x["batch_size"] == b)
+        assert best["steps_to_target"] == min(reached)
+        for r in group:
+            assert r["reached"] or r["diverged"] or r["pruned"] or r["steps_run"] >= min(reached)
+            if r["pruned"]:        # stopped at the fewest steps found before it ran
+                assert r["steps_run"] in reached and not r["reached"]
+
+
+def test_a_trial_is_a_plain_run_that_distffn_run_reproduces(sweep, tmp_path):
+    _, out = sweep
+    r = next(r for r in results(out) if r["reached"] and r["batch_size"] == 32)
+    argv = shlex.split(r["command"])
+    assert argv[:3] == ["distffn", "run", str(out / "job.yaml")]
+    again = tmp_path / "again"
+    argv[argv.index("--out") + 1] = str(again)
+    assert main(argv[1:] + ["--no-progress"]) == 0
+    summary = json.loads((again / "summary.json").read_text())
+    assert summary["target"]["step"] == r["steps_to_target"]
+    assert plot_comparison([str(out / "trials" / r["trial"]), str(again)], str(tmp_path / "cmp.png"), "samples")
+
+
+def test_n_workers_reach_the_target_in_the_steps_of_one(sweep, tmp_path):
+    """The shortcut the sweep takes: steps to target depend on (B, lr, momentum), not on N."""
+    _, out = sweep
+    r = next(r for r in results(out) if r["reached"] and r["batch_size"] == 128)
+    argv = shlex.split(r["command"])[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "local2")
+    assert main(argv + ["--no-progress", "--set", "scaling.num_workers=2"]) == 0
+    assert json.loads((tmp_path / "local2" / "summary.json").read_text())["target"]["step"] == r["steps_to_target"]
+    if MPI:
+        argv[argv.index("--out") + 1] = str(tmp_path / "mpi2")
+        p = run_group([sys.executable, "-m", "distffn", *argv, "--no-progress", "--set", "scaling.num_workers=2",
+                       "--set", "scaling.backend=mpi"], 120)
+        assert p.returncode == 0, p.stderr
+        assert json.loads((tmp_path / "mpi2" / "summary.json").read_text())["target"]["step"] == r["steps_to_target"]
+
+
+def test_the_same_command_again_skips_finished_trials_and_reruns_a_lost_one(sweep, capsys):
+    _, out = sweep
+    before = {r["trial"]: r for r in results(out)}
+    lost = next(t for t, r in before.items() if r["reached"] and r["batch_size"] == 8)
+    os.unlink(out / "trials" / lost / "result.json")   # killed before it wrote its result
+    capsys.readouterr()
+    assert main(["sweep", SHIPPED, "--out", str(out), "--no-progress", *(x for q in QUICK for x in ("--set", q))]) == 0
+    printed = capsys.readouterr().out
+    total = len(BATCHES) * LRS
+    assert f"{total - 1} of {total} trials already finished; 1 to run" in printed
+    assert printed.count("] B=") == 1
+    after = {r["trial"]: r for r in results(out)}
+    assert after[lost]["steps_to_target"] == before[lost]["steps_to_target"]
+    # killed mid-run: it continues from its newest checkpoint and reaches the target where it did
+    trial = out / "trials" / lost
+    for name in ("result.json", "summary.json"):
+        os.unlink(trial / name)
+    checkpoints = sorted(os.listdir(trial / "checkpoints"))
+    os.unlink(trial / "checkpoints" / checkpoints[-1])                   # the one at the target
+    assert main(["sweep", SHIPPED, "--out", str(out), "--no-progress", *(x for q in QUICK for x in ("--set", q))]) == 0
+    again = json.loads((trial / "result.json").read_text())
+    assert again["steps_to_target"] == before[lost]["steps_to_target"]
+
+
+def test_a_target_not_reached_is_a_result(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["sweep", write(tmp_path, batch_sizes=[64, 128], lr=[0.05], num_workers=[1], max_epochs=1,
+                                target={"metric": "validation_accuracy", "value": 0.999}, timing_steps=5),
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "not reached in 1 epochs" in printed and "fit: needs at least 3 batch sizes" in printed
+    assert {r["reached"] for r in rows(out)} == {"False"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fit"] is None and summary["not_reached"] == [64, 128]
+
+
+def test_trials_run_side_by_side_as_ray_tasks_with_the_same_results(sweep, tmp_path):
+    pytest.importorskip("ray")
+    _, first = sweep
+    out = tmp_path / "out"
+    assert main(["sweep", write(tmp_path, batch_sizes=[32, 128], lr=[0.05, 0.1], concurrency=2, prune=False,
+                                timing_steps=5, noise_batches=5), "--out", str(out), "--no-progress"]) == 0
+    ours = {r["trial"]: r for r in results(out)}
+    theirs = {r["trial"]: r for r in results(first)}
+    assert len(ours) == 4
+    for trial, r in ours.items():
+        if r["reached"] and theirs[trial]["reached"]:
+            assert r["steps_to_target"] == theirs[trial]["steps_to_target"], trial
