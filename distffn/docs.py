@@ -12,6 +12,7 @@ import re
 import sys
 
 from .data import DATASETS
+from .kernels import KERNELS
 from .nn.activations import ACTIVATIONS
 from .nn.init import INITIALIZERS
 from .nn.objectives import OBJECTIVES
@@ -49,6 +50,7 @@ def tables() -> dict[str, str]:
         "backends": _table(["`scaling.backend`", "workers", "`scaling.aggregation`"],
                            [[f"`{name}`", BACKENDS.doc(name), ", ".join(f"`{m}`" for m in modes)]
                             for name, modes in BACKENDS.items()]),
+        "kernels": _table(["`scaling.kernels`", "the CPU step's elementwise work"], _names(KERNELS)),
     }
 
 

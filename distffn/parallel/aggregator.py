@@ -14,10 +14,11 @@ class Aggregator:
     any split of a batch gives the update of one worker.
     """
 
-    def __init__(self, optimizer_cfg, theta, optimizer_state, step: int, xp=np):
+    def __init__(self, optimizer_cfg, theta, optimizer_state, step: int, xp=np, kernels: str = "numpy"):
+        """``kernels``: the resolved ``scaling.kernels`` (``numpy`` or ``numba``)."""
         self.xp = xp
         self.theta = xp.array(theta, dtype=np.float32)
-        self.optimizer = make_optimizer(optimizer_cfg, self.theta.shape[0], xp)
+        self.optimizer = make_optimizer(optimizer_cfg, self.theta.shape[0], xp, kernels=kernels)
         self.optimizer.load_state_dict(optimizer_state, step)
 
     @property

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from .. import kernels
 from ..errors import WorkerFailed
 from ..xp import get_array_module, limit_blas_threads, to_numpy
 from .aggregator import Aggregator
@@ -102,7 +103,8 @@ class MPIBackend(Backend):
         theta, optimizer_state = self.comm.bcast((np.ascontiguousarray(theta, np.float32), optimizer_state)
                                                  if self.is_root else None, root=0)
         if self.mode == "allreduce" or self.is_root:     # who applies the update holds the optimizer
-            self.aggregator = Aggregator(self.job.optimizer, theta, optimizer_state, step, xp)
+            self.aggregator = Aggregator(self.job.optimizer, theta, optimizer_state, step, xp,
+                                         kernels.resolve(self.job.scaling.kernels, self.job.scaling.use_gpu))
             self.theta = self.aggregator.theta
         else:
             self.theta = xp.array(theta, dtype=np.float32)

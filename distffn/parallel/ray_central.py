@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from .. import kernels
 from ..errors import WorkerFailed
 from ..xp import get_array_module, limit_blas_threads, to_numpy
 from .aggregator import Aggregator
@@ -45,8 +46,8 @@ class _WorkerActor:
 class _AggregatorActor:
     """Holds Θ and the optimizer, sums ΔΘ in rank order, applies the update, returns Θ."""
 
-    def __init__(self, optimizer_cfg, theta, optimizer_state, step):
-        self.aggregator = Aggregator(optimizer_cfg, theta, optimizer_state, step)
+    def __init__(self, optimizer_cfg, theta, optimizer_state, step, kernels="numpy"):
+        self.aggregator = Aggregator(optimizer_cfg, theta, optimizer_state, step, kernels=kernels)
         self._sum = np.empty_like(self.aggregator.theta)
         self.update_times: list[float] = []
 
@@ -86,7 +87,8 @@ class RayCentralBackend(RayBackend):
     def start(self, theta, optimizer_state, step):
         theta = np.ascontiguousarray(theta, np.float32)
         Agg = self.ray.remote(_AggregatorActor)
-        self.aggregator = Agg.options(num_cpus=0).remote(self.job.optimizer, theta, optimizer_state, step)
+        self.aggregator = Agg.options(num_cpus=0).remote(self.job.optimizer, theta, optimizer_state, step,
+                                                     kernels.resolve(self.job.scaling.kernels))
         self.theta_ref = self.ray.put(theta)
 
     def train_step(self, epoch, batch_index, batch_len, lr):

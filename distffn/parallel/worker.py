@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from .. import kernels
 from ..data.sharding import batch_bounds, epoch_permutation, shard_bounds
 from ..nn.model import MLP
 
@@ -31,7 +32,7 @@ class Worker:
     def __init__(self, job, x_train, t_train, labels_train, rank: int = 0,
                  num_workers: int = 1, xp=np):
         self.job, self.rank, self.num_workers, self.xp = job, rank, num_workers, xp
-        self.model = MLP(job.model, xp)
+        self.model = MLP(job.model, xp, kernels=kernels.resolve(job.scaling.kernels, xp is not np))
         # the dataset stays where it is (host memory, the Ray object store or the GPU)
         self.x, self.t, self.labels = xp.asarray(x_train), xp.asarray(t_train), (
             None if labels_train is None else xp.asarray(labels_train))
