@@ -87,6 +87,7 @@ class Trainer:
         self.classifies = data.classifies
         self.n_train, self.n_test = int(ds.x_train.shape[0]), int(ds.x_test.shape[0])
         self.data_source = ds.source
+        del ds      # only data's arrays stay referenced (an MPI backend shares them on a node)
         self.steps_per_epoch = steps_per_epoch(self.n_train, job.training.batch_size, job.training.drop_last)
         self.total_steps = self.steps_per_epoch * job.training.epochs
         buffers = OPTIMIZERS.get(job.optimizer.name).buffers
