@@ -179,7 +179,9 @@ class MLP:
         """``(loss_sum, correct)`` over all rows of ``x``, in chunks to bound memory."""
         loss, correct = 0.0, 0
         for s in range(0, x.shape[0], chunk):
-            logits = self.forward(params, x[s:s + chunk])
+            rows = x[s:s + chunk]
+            # rows that are not an array (8-bit ByteImages) decode through __array__
+            logits = self.forward(params, rows if isinstance(rows, self.xp.ndarray) else self.xp.asarray(rows))
             part, right = self._loss(logits, t[s:s + chunk], None,
                                      None if labels is None else labels[s:s + chunk])
             loss += float(part)

@@ -9,18 +9,32 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..data.byte_images import ByteImages
+
 _ALIGN = 64                     # bytes: every array starts on a cache line
 _windows: list = []             # kept until exit: the arrays point into them
 
 
 def share_on_node(comm, arrays: dict) -> dict:
-    """Read-only arrays with the contents of ``arrays`` (name → array or None) as the first
-    rank of each node of ``comm`` holds them, backed by one shared window per node.
+    """Read-only arrays with the contents of ``arrays`` (name → array, ``ByteImages`` or None)
+    as the first rank of each node of ``comm`` holds them, backed by one shared window per node.
 
     Collective over ``comm``. Every rank must pass the same names, shapes and dtypes (they
     loaded the same job's data); the node's first rank's values win. The window lives until
     the process exits (``MPI_Finalize`` frees it), since the arrays point into it.
     """
+    parts = {}
+    for name, a in arrays.items():
+        if isinstance(a, ByteImages):       # its codes; mean and std are two numbers
+            parts[name + ".codes"] = a.codes
+        else:
+            parts[name] = a
+    shared = _share_arrays(comm, parts)
+    return {name: ByteImages(shared[name + ".codes"], a.mean, a.std)
+            if isinstance(a, ByteImages) else shared[name] for name, a in arrays.items()}
+
+
+def _share_arrays(comm, arrays: dict) -> dict:
     from mpi4py import MPI
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     leader = node.Get_rank() == 0
