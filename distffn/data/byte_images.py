@@ -66,7 +66,10 @@ class ByteImages:
     # ---------------------------------------------------------------- statistics
     def histogram(self) -> np.ndarray:
         """How many pixels hold each code (float64, 256 entries)."""
-        return np.bincount(self.codes.reshape(-1), minlength=256).astype(np.float64)
+        flat, block = self.codes.reshape(-1), 1 << 18
+        # in blocks: bincount widens its input to intp, 8 bytes a pixel (10x slower at once)
+        return sum((np.bincount(flat[i:i + block], minlength=256) for i in range(0, flat.size, block)),
+                   np.zeros(256, np.int64)).astype(np.float64)
 
     def mean_std(self) -> tuple[float, float]:
         """Mean and standard deviation of every decoded value, as the dense pipeline computes
