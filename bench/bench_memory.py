@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -112,9 +111,8 @@ def measure(name: str, overrides: list, args, tmp: str) -> dict:
                         by_name.setdefault(procs[pid], []).append(kib)
                 peak_detail = (total, {n: [round(k / 1024, 1) for k in v] for n, v in by_name.items()})
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        benchlib.stop(proc)
+        out = proc.stdout.read()
     if not samples:
         raise SystemExit(f"{name}: no sample after training started; output:\n{out[-3000:]}")
     mib = [s / 1024 for s, _ in samples]
