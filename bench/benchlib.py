@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,23 @@ def write_json(path: str, obj, indent: int):
     with open(path, "w") as f:
         json.dump(obj, f, indent=indent)
     log(f"wrote {path}")
+
+
+def stop(proc, grace: float = 60.0):
+    """End a run started with ``start_new_session=True``: SIGTERM to the command alone (it
+    checkpoints and takes its own processes down: mpiexec's ranks, Ray's), then, after
+    ``grace`` seconds or once it is gone, SIGKILL to whatever is left of its session."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 # ---------------------------------------------------------------- machine load

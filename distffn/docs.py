@@ -13,6 +13,7 @@ import re
 import sys
 
 from .data import DATASETS
+from .kernels import KERNELS
 from .nn.activations import ACTIVATIONS
 from .nn.init import INITIALIZERS
 from .nn.objectives import OBJECTIVES
@@ -61,6 +62,7 @@ def tables() -> dict[str, str]:
                                  _names(TARGET_METRICS)),
         "lr-rules": _table(["`lr.rule`", "learning rate at batch size B"], _names(LR_RULES)),
         "networks": _table(["`network`", "α (latency), β (time per byte) and their sources"], _names(NETWORKS)),
+        "kernels": _table(["`scaling.kernels`", "the CPU step's elementwise work"], _names(KERNELS)),
     }
 
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-from . import bounded_yaml
+from . import bounded_yaml, kernels
 from .bounded_yaml import short
 from .data import DATASETS
 from .errors import UserError
@@ -86,6 +86,7 @@ class ScalingConfig:
     num_workers: int = 1
     use_gpu: bool = False
     aggregation: str = "auto"          # auto | central | allreduce
+    kernels: str = "auto"              # auto | numpy | numba: the CPU step's elementwise kernels
     address: Optional[str] = None       # an existing Ray cluster (else RAY_ADDRESS, else a local one)
     timeout_s: float = 300.0            # a step that takes longer names the missing workers
     oversubscribe: bool = False         # allow more than 4 workers per core on one node
@@ -265,6 +266,7 @@ def validate(job: JobConfig) -> JobConfig:
     if s.aggregation != AUTO and s.aggregation not in modes:
         raise UserError(f"scaling.aggregation: expected one of {', '.join(aggregations())}; "
                         f"got {short(s.aggregation)}")
+    kernels.check(s.kernels, s.use_gpu)
     _positive(s.num_workers, "scaling.num_workers")
     _positive(s.timeout_s, "scaling.timeout_s")
     if s.num_workers > t.batch_size:

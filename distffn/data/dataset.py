@@ -20,7 +20,8 @@ IMAGE_SHAPES = {"mnist": (28, 28), "fashion-mnist": (28, 28), "digits": (8, 8)}
 class Dataset:
     """Train and test arrays plus what a model and a report need to know about them.
 
-    ``x_*`` are float32 (n, d); ``y_*`` are int64 class ids (n,) for classification and
+    ``x_*`` are float32 (n, d), or :class:`~.byte_images.ByteImages` that read as such
+    (8-bit images: MNIST, Fashion-MNIST); ``y_*`` are int64 class ids (n,) for classification and
     float32 (n, k) for regression. ``normalization`` records the statistics applied
     (``x_mean``, ``x_std`` and, for standardized targets, ``y_mean``, ``y_std``) as plain
     floats or lists; it is empty when nothing was applied.

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import UserError
+from .byte_images import ByteImages
 from .dataset import DATASETS, IMAGE_SHAPES, Dataset
 
 URLS = {
@@ -121,8 +122,8 @@ def idx_dataset(cfg, seed: int) -> Dataset:
         if len(images) != len(labels):
             raise UserError(f"{paths[images_base]}: {len(images)} images but "
                             f"{paths[labels_base]} has {len(labels)} labels; expected the same count")
-        x = np.divide(images.reshape(len(images), -1), np.float32(255), dtype=np.float32)
-        arrays[split] = x, labels.astype(np.int64)
+        # 8-bit pixels stay bytes: ByteImages decodes code / 255 (normalised) per batch
+        arrays[split] = ByteImages(images.reshape(len(images), -1)), labels.astype(np.int64)
     (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
     num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
     names = FASHION_MNIST_CLASSES if cfg.dataset == "fashion-mnist" else [str(d) for d in range(10)]

@@ -6,6 +6,7 @@ import numpy as np
 
 from ..errors import UserError
 from . import builtin, idx, npz  # noqa: F401  (each registers its datasets)
+from .byte_images import ByteImages
 from .dataset import DATASETS, IMAGE_SHAPES, Dataset, carve_validation
 
 _EPS = 1e-8
@@ -15,6 +16,10 @@ _CHUNK = 1024                   # rows per block when computing statistics (boun
 def _check_finite(ds: Dataset, source: str) -> None:
     for key in ("x_train", "y_train", "x_test", "y_test"):
         arr = getattr(ds, key)
+        if isinstance(arr, ByteImages):
+            if not arr.all_finite():
+                raise UserError(f"{source}: {key} decodes to NaN or inf")
+            continue
         # Fast path: a float64 sum of finite float32 values cannot overflow, so it is
         # finite exactly when every value is.
         if arr.dtype.kind == "f" and not np.isfinite(arr.sum(dtype=np.float64)):
@@ -35,8 +40,15 @@ def _mean_std(x: np.ndarray, per_feature: bool) -> tuple[np.ndarray, np.ndarray]
 
 
 def _standardize(train: np.ndarray, others: list, per_feature: bool, prefix: str) -> dict:
-    mean, std = _mean_std(train, per_feature)
+    if isinstance(train, ByteImages) and not per_feature:
+        mean, std = (np.float64(v) for v in train.mean_std())
+        std = np.float64(1.0) if std < _EPS else std
+    else:
+        mean, std = _mean_std(train, per_feature)
     for arr in (train, *others):  # in place: no second copy of a large array
+        if isinstance(arr, ByteImages):     # its 256-value table, as each pixel would be
+            arr.standardize(mean.astype(np.float32), std.astype(np.float32))
+            continue
         arr -= mean.astype(np.float32)
         arr /= std.astype(np.float32)
     return {f"{prefix}_mean": mean.tolist(), f"{prefix}_std": std.tolist()}

@@ -21,18 +21,29 @@ from .objectives import make_objective
 ORDER = "F"
 
 
+def _fused_module():
+    from . import layer_kernels  # imports numba: only when the numba kernels were chosen
+    return layer_kernels
+
+
 class MLP:
     """The network: layer sizes, activations and output/loss, with forward and backward passes.
 
     Work buffers are kept per batch size, so a step allocates nothing after the first.
     """
 
-    def __init__(self, cfg, xp=np, dtype=np.float32):
-        """``cfg`` is the job spec's model section (:class:`distffn.jobspec.ModelConfig`)."""
+    def __init__(self, cfg, xp=np, dtype=np.float32, kernels: str = "numpy"):
+        """``cfg`` is the job spec's model section (:class:`distffn.jobspec.ModelConfig`);
+        ``kernels``: ``numpy`` or ``numba`` (the fused twins of ``nn/layer_kernels.py``, NumPy only)."""
         self.cfg, self.xp, self.dtype = cfg, xp, dtype
         self.sizes = list(cfg.layers)
         self.hidden: Activation = make_activation(cfg)
         self.objective = make_objective(cfg)
+        self.kernels = kernels if xp is np else "numpy"
+        # the fused twins (bias + activation, its backward with db; the loss) where they exist
+        self._fused = _fused_module() if self.kernels == "numba" and dtype == np.float32 else None
+        self._fused_hidden = self._fused and self._fused.hidden_twin(self.hidden)
+        self._fused_loss = self._fused and self._fused.loss_twin(self.objective)
         shapes = []
         last = len(self.sizes) - 2
         for i, (fan_in, fan_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
@@ -98,11 +109,30 @@ class MLP:
         for i, (w, b, alpha) in enumerate(self._keys):
             z = buf["z"][i]
             xp.matmul(a, params[w], out=z)
-            z += params[b]
+            if i < last and self._fused_hidden is not None:
+                self._fused_hidden[0](z, params[b], buf["a"][i])      # z keeps no bias
+            else:
+                if self._fused is not None:
+                    self._fused.bias_add(z, params[b])
+                else:
+                    z += params[b]
+                if i < last:
+                    self.hidden.forward(xp, z, buf["a"][i], params.get(alpha))
             if i < last:
-                self.hidden.forward(xp, z, buf["a"][i], params.get(alpha))
                 a = buf["a"][i]
         return buf["z"][-1]
+
+    def _loss(self, logits, t, dz, labels):
+        """(loss sum, correct or None) of the output layer; ``dz`` gets dL/dz unless None."""
+        if self._fused_loss is not None:
+            want_grad, want_correct = dz is not None, labels is not None
+            loss, correct = self._fused_loss(
+                logits, t, dz if want_grad else self._buffers[logits.shape[0]]["dz"][-1],
+                labels if want_correct else t, want_grad, want_correct)
+            return np.float64(loss), (correct if want_correct else None)
+        xp = self.xp
+        loss = self.objective.loss_and_grad(xp, logits, t, dz)
+        return loss, (self.objective.correct(xp, logits, labels) if labels is not None else None)
 
     def loss_and_grad(self, params: dict, grads: dict, x, t, labels=None):
         """Forward and backward on one shard.
@@ -116,15 +146,19 @@ class MLP:
         logits = self.forward(params, x)
         buf = self._buffers[n]
         dz = buf["dz"][-1]
-        loss = self.objective.loss_and_grad(xp, logits, t, dz)
-        correct = self.objective.correct(xp, logits, labels) if labels is not None else None
-        keys = self._keys
+        loss, correct = self._loss(logits, t, dz, labels)
+        keys, fused_db = self._keys, False
         for i in reversed(range(self.num_layers)):
             w, b, _ = keys[i]
             a_prev = x if i == 0 else buf["a"][i - 1]
             # dW = Xᵀ·dZ, db = column sums of dZ: sums over the shard's samples
             xp.matmul(a_prev.T, dz, out=grads[w])
-            xp.sum(dz, axis=0, out=grads[b])
+            if fused_db:
+                pass                       # the fused backward summed db already
+            elif self._fused is not None:
+                self._fused.column_sums(dz, grads[b])
+            else:
+                xp.sum(dz, axis=0, out=grads[b])
             if i == 0:
                 break                      # no dX for the input layer
             da = buf["da"][i - 1]
@@ -133,18 +167,26 @@ class MLP:
             if alpha in grads:
                 grads[alpha][...] = 0
             dz = buf["dz"][i - 1]
-            self.hidden.backward(xp, buf["z"][i - 1], a_prev, da, dz,
-                                 params.get(alpha), grads.get(alpha))
+            if self._fused_hidden is not None:
+                self._fused_hidden[1](a_prev, da, dz, grads[keys[i - 1][1]])
+                fused_db = True
+            else:
+                self.hidden.backward(xp, buf["z"][i - 1], a_prev, da, dz,
+                                     params.get(alpha), grads.get(alpha))
         return loss, correct
 
     def evaluate(self, params: dict, x, t, labels=None, chunk: int = 4096):
         """``(loss_sum, correct)`` over all rows of ``x``, in chunks to bound memory."""
         loss, correct = 0.0, 0
         for s in range(0, x.shape[0], chunk):
-            logits = self.forward(params, x[s:s + chunk])
-            loss += float(self.objective.loss_and_grad(self.xp, logits, t[s:s + chunk]))
+            rows = x[s:s + chunk]
+            # rows that are not an array (8-bit ByteImages) decode through __array__
+            logits = self.forward(params, rows if isinstance(rows, self.xp.ndarray) else self.xp.asarray(rows))
+            part, right = self._loss(logits, t[s:s + chunk], None,
+                                     None if labels is None else labels[s:s + chunk])
+            loss += float(part)
             if labels is not None:
-                correct += int(self.objective.correct(self.xp, logits, labels[s:s + chunk]))
+                correct += int(right)
         return loss, (correct if labels is not None else None)
 
     def check_data(self, num_features: int, dataset: str):

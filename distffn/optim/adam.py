@@ -25,8 +25,8 @@ class Adam(Optimizer):
 
     buffers = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, cfg, size, xp=np, dtype=np.float32):
-        super().__init__(cfg, size, xp, dtype)
+    def __init__(self, cfg, size, xp=np, dtype=np.float32, kernels="numpy"):
+        super().__init__(cfg, size, xp, dtype, kernels)
         self.beta1, self.beta2 = (float(b) for b in cfg.betas)
         self._scratch = xp.empty(min(size, CHUNK), self.dtype)
 
@@ -47,6 +47,10 @@ class Adam(Optimizer):
         step_size = lr / (1.0 - b1 ** step)
         bc2_sqrt = math.sqrt(1.0 - b2 ** step)
         m_all, v_all = self.state["exp_avg"], self.state["exp_avg_sq"]
+        if self.fused:
+            self.fused.adam_update(params, m_all, v_all, grad, grad_scale, self.weight_decay,
+                                   1.0 - b1, b2, 1.0 - b2, bc2_sqrt, self.cfg.eps, -step_size)
+            return
         for s in range(0, params.shape[0], CHUNK):
             p, g, m, v = params[s:s + CHUNK], grad[s:s + CHUNK], m_all[s:s + CHUNK], v_all[s:s + CHUNK]
             tmp = self._scratch[:p.shape[0]]

@@ -52,6 +52,7 @@ class MomentumSGD(Optimizer):
         check_momentum(cfg)
 
     def _update(self, params, grad, lr, grad_scale):
-        step = momentum_update_numpy if self.xp is np else momentum_update_cupy
+        step = (self.fused.momentum_update if self.fused else
+                momentum_update_numpy if self.xp is np else momentum_update_cupy)
         step(params, self.state["velocity"], grad, self.cfg.momentum, -lr * grad_scale,
              lr * self.weight_decay)

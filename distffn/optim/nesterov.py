@@ -18,8 +18,8 @@ class NesterovSGD(Optimizer):
 
     buffers = ("velocity",)
 
-    def __init__(self, cfg, size, xp=np, dtype=np.float32):
-        super().__init__(cfg, size, xp, dtype)
+    def __init__(self, cfg, size, xp=np, dtype=np.float32, kernels="numpy"):
+        super().__init__(cfg, size, xp, dtype, kernels)
         self._scratch = xp.empty(min(size, CHUNK), self.dtype)
 
     @classmethod
@@ -29,6 +29,9 @@ class NesterovSGD(Optimizer):
     def _update(self, params, grad, lr, grad_scale):
         xp, mu, decay = self.xp, self.cfg.momentum, lr * self.weight_decay
         velocity = self.state["velocity"]
+        if self.fused:
+            self.fused.nesterov_update(params, velocity, grad, mu, -lr * grad_scale, decay)
+            return
         for s in range(0, params.shape[0], CHUNK):
             t, v, g = params[s:s + CHUNK], velocity[s:s + CHUNK], grad[s:s + CHUNK]
             tmp = self._scratch[:t.shape[0]]

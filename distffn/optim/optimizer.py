@@ -25,8 +25,6 @@ OPTIMIZERS = Registry("optimizer", "optimizer.name")
 CHUNK = 1 << 16
 
 
-
-
 class Optimizer:
     """Updates a flat parameter vector in place from a flat gradient.
 
@@ -37,10 +35,14 @@ class Optimizer:
     name = "base"
     buffers: tuple[str, ...] = ()
 
-    def __init__(self, cfg, size: int, xp=np, dtype=np.float32):
-        """``cfg`` is the job spec's optimizer section; ``size`` the length of Θ."""
+    def __init__(self, cfg, size: int, xp=np, dtype=np.float32, kernels: str = "numpy"):
+        """``cfg`` is the job spec's optimizer section; ``size`` the length of Θ; ``kernels``
+        ``numpy`` or ``numba`` (``optim/update_kernels.py``: float32 NumPy buffers only)."""
         self.cfg, self.xp, self.dtype = cfg, xp, np.dtype(dtype)
         self.weight_decay = cfg.weight_decay
+        # the module of numba twins, or None: the NumPy (or CuPy) path
+        self.fused = (_fused_module() if kernels == "numba" and xp is np and self.dtype == np.float32
+                      else None)
         self.state = {name: xp.zeros(size, self.dtype) for name in self.buffers}
         self.t = 0
 
@@ -79,9 +81,14 @@ class Optimizer:
             buf[...] = self.xp.asarray(state[name], dtype=self.dtype)
 
 
-def make_optimizer(cfg, size: int, xp=np, dtype=np.float32) -> Optimizer:
+def make_optimizer(cfg, size: int, xp=np, dtype=np.float32, kernels: str = "numpy") -> Optimizer:
     """The optimizer ``cfg.name`` names, with zeroed state for ``size`` parameters."""
-    return OPTIMIZERS.get(cfg.name)(cfg, size, xp, dtype)
+    return OPTIMIZERS.get(cfg.name)(cfg, size, xp, dtype, kernels)
+
+
+def _fused_module():
+    from . import update_kernels  # imports numba: only when the numba kernels were chosen
+    return update_kernels
 
 
 def check_momentum(cfg) -> None:

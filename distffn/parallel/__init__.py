@@ -4,6 +4,7 @@ actors; launching mpiexec. One registry, :data:`BACKENDS`, maps ``scaling.backen
 on 1 worker or N, and gives the same model."""
 from __future__ import annotations
 
+from .. import kernels
 from ..errors import UserError
 from ..registry import Registry
 from .backend import Backend
@@ -52,8 +53,9 @@ def resolve_aggregation(job) -> str:
 
 def make_backend(job, data) -> Backend:
     """The backend ``job.scaling`` names, holding the training arrays of ``data``; an ``auto``
-    aggregation is resolved (and recorded in the job spec)."""
+    aggregation and ``auto`` kernels are resolved (and recorded in the job spec)."""
     job.scaling.aggregation = resolve_aggregation(job)
+    job.scaling.kernels = kernels.resolve(job.scaling.kernels, job.scaling.use_gpu)
     return BACKENDS.get(job.scaling.backend)[job.scaling.aggregation](job, data)
 
 

@@ -15,10 +15,13 @@ class Aggregator:
     any split of a batch gives the update of one worker.
     """
 
-    def __init__(self, optimizer_cfg, theta, optimizer_state, step: int, xp=np, noise_every: int = 0):
+    def __init__(self, optimizer_cfg, theta, optimizer_state, step: int, xp=np, kernels: str = "numpy",
+                 noise_every: int = 0):
+        """``kernels``: the resolved ``scaling.kernels`` (``numpy`` or ``numba``); ``noise_every``:
+        measure the global batch's gradient norm on these steps (``metrics.noise_scale``)."""
         self.xp = xp
         self.theta = xp.array(theta, dtype=np.float32)
-        self.optimizer = make_optimizer(optimizer_cfg, self.theta.shape[0], xp)
+        self.optimizer = make_optimizer(optimizer_cfg, self.theta.shape[0], xp, kernels=kernels)
         self.optimizer.load_state_dict(optimizer_state, step)
         self.noise_every = noise_every          # measure |ΣΔΘ|² on these steps (metrics.noise_scale)
         self.norms = GradNorms()

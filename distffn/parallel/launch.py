@@ -61,7 +61,8 @@ def maybe_relaunch_under_mpi(job, argv: list[str], checks=(), env=None) -> int |
     check_mpi4py()                                  # mpi4py missing: say so before launching
     get_array_module(job.scaling.use_gpu)           # use_gpu without CuPy or a GPU: likewise
     check_cores(job)
-    _, _, model = prepare_data(job)                 # bad data: one message here, not N
+    model = prepare_data(job)[2]                    # bad data: one message here, not N (the
+                                                    # arrays are dropped: the ranks load their own)
     check_memory(job, model, len(OPTIMIZERS.get(job.optimizer.name).buffers), job.scaling.num_workers)
     for check in checks:                            # the caller's (the run folder)
         check()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from .. import kernels
 from ..xp import get_array_module
 from .aggregator import Aggregator
 from .backend import Backend, StepTimes, Totals, noise_every
@@ -26,7 +27,8 @@ class LocalBackend(Backend):
     def start(self, theta, optimizer_state, step):
         xp = self.array_module
         self.aggregator = Aggregator(self.job.optimizer, xp.asarray(theta), optimizer_state, step, xp,
-                                     noise_every(self.job))
+                                     kernels=kernels.resolve(self.job.scaling.kernels, self.job.scaling.use_gpu),
+                                     noise_every=noise_every(self.job))
         self._sum = xp.empty_like(self.aggregator.theta) if self.num_workers > 1 else None
 
     def train_step(self, epoch, batch_index, batch_len, lr):

@@ -17,11 +17,13 @@ import time
 
 import numpy as np
 
+from .. import kernels
 from ..errors import WorkerFailed
 from ..xp import get_array_module, limit_blas_threads, to_numpy
 from .aggregator import Aggregator
 from .backend import Backend, GradNorms, StepTimes, Totals, noise_every
 from .mpi_env import world
+from .node_shared import share_on_node
 from .worker import Worker
 
 _ARRIVE, _GO = 11, 12
@@ -51,7 +53,9 @@ class MPIBackend(Backend):
 
     aggregator = None                   # until start(); only rank 0 has one in central mode
 
-    def __init__(self, job, data, comm=None, blas_threads: int | None = None):
+    def __init__(self, job, data, comm=None, blas_threads: int | None = None, share_data: bool | None = None):
+        """``share_data`` (default: when ``comm`` is the world, i.e. ranks that each loaded
+        the data): move ``data``'s arrays into one shared window per node, in place."""
         MPI = world()
         self.MPI, self.comm = MPI, MPI.COMM_WORLD if comm is None else comm
         self.rank, self.num_workers = self.comm.Get_rank(), self.comm.Get_size()
@@ -62,6 +66,10 @@ class MPIBackend(Backend):
         self._limit_blas_threads(blas_threads)
         self.hosts = self.comm.allgather(socket.gethostname())     # for messages that name a rank
         self.array_module = xp = get_array_module(job.scaling.use_gpu)
+        if (comm is None if share_data is None else share_data) and self.num_workers > 1:
+            fields = ("x_train", "t_train", "labels_train", "x_test", "t_test", "labels_test")
+            for name, array in share_on_node(self.comm, {f: getattr(data, f) for f in fields}).items():
+                setattr(data, name, array)      # the private copies go with the last reference
         self.worker = Worker(job, data.x_train, data.t_train, data.labels_train,
                              self.rank, self.num_workers, xp)
         self.times, self._compute = StepTimes(), []
@@ -109,7 +117,8 @@ class MPIBackend(Backend):
                                                  if self.is_root else None, root=0)
         if self.mode == "allreduce" or self.is_root:     # who applies the update holds the optimizer
             self.aggregator = Aggregator(self.job.optimizer, theta, optimizer_state, step, xp,
-                                         noise_every(self.job))
+                                         kernels=kernels.resolve(self.job.scaling.kernels, self.job.scaling.use_gpu),
+                                         noise_every=noise_every(self.job))
             self.theta = self.aggregator.theta
         else:
             self.theta = xp.array(theta, dtype=np.float32)

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from .. import kernels
 from ..errors import WorkerFailed
 from ..xp import get_array_module, limit_blas_threads, to_numpy
 from .aggregator import Aggregator
@@ -48,8 +49,9 @@ class _WorkerActor:
 class _AggregatorActor:
     """Holds Θ and the optimizer, sums ΔΘ in rank order, applies the update, returns Θ."""
 
-    def __init__(self, optimizer_cfg, theta, optimizer_state, step, noise_every=0):
-        self.aggregator = Aggregator(optimizer_cfg, theta, optimizer_state, step, noise_every=noise_every)
+    def __init__(self, optimizer_cfg, theta, optimizer_state, step, kernels="numpy", noise_every=0):
+        self.aggregator = Aggregator(optimizer_cfg, theta, optimizer_state, step, kernels=kernels,
+                                     noise_every=noise_every)
         self._sum = np.empty_like(self.aggregator.theta)
         self.update_times: list[float] = []
 
@@ -93,6 +95,7 @@ class RayCentralBackend(RayBackend):
         theta = np.ascontiguousarray(theta, np.float32)
         Agg = self.ray.remote(_AggregatorActor)
         self.aggregator = Agg.options(num_cpus=0).remote(self.job.optimizer, theta, optimizer_state, step,
+                                                         kernels.resolve(self.job.scaling.kernels),
                                                          noise_every(self.job))
         self.theta_ref = self.ray.put(theta)
 

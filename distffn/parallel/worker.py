@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from .. import kernels
+from ..data.byte_images import ByteImages
 from ..data.sharding import batch_bounds, epoch_permutation, shard_bounds, steps_per_epoch
 from ..nn.model import MLP
 from .backend import GradNorms, noise_every, squared_norm
@@ -26,16 +28,23 @@ def _injected_fault(rank: int):
     return int(spec[1]), (spec[2] if len(spec) > 2 else "raise")
 
 
+def _take_rows_kernel():
+    from ..data import gather_kernels  # imports numba: only when the numba kernels were chosen
+    return gather_kernels.take_rows
+
+
 class Worker:
     """Worker ``rank`` of ``num_workers``: ΔΘ for its shard of each global batch (see module doc)."""
 
     def __init__(self, job, x_train, t_train, labels_train, rank: int = 0,
                  num_workers: int = 1, xp=np):
         self.job, self.rank, self.num_workers, self.xp = job, rank, num_workers, xp
-        self.model = MLP(job.model, xp)
-        # the dataset stays where it is (host memory, the Ray object store or the GPU)
-        self.x, self.t, self.labels = xp.asarray(x_train), xp.asarray(t_train), (
-            None if labels_train is None else xp.asarray(labels_train))
+        self.model = MLP(job.model, xp, kernels=kernels.resolve(job.scaling.kernels, xp is not np))
+        # the dataset stays where it is (host memory, the Ray object store or the GPU); 8-bit
+        # images stay bytes on the host and are decoded as a batch is gathered
+        self.x = x_train if isinstance(x_train, ByteImages) and xp is np else xp.asarray(x_train)
+        self.t, self.labels = xp.asarray(t_train), (None if labels_train is None else xp.asarray(labels_train))
+        self._take_rows = _take_rows_kernel() if isinstance(self.x, ByteImages) and self.model.kernels == "numba" else None
         self.n = self.x.shape[0]
         self.grad = xp.zeros(self.model.num_params, self.model.dtype)
         self.grad_views = self.model.layout.views(self.grad)
@@ -113,7 +122,10 @@ class Worker:
         # into buffers kept per shard size; NumPy's mode="clip" gathers unbuffered (the
         # indices are valid); CuPy's take has no mode and never buffers
         kw = {"mode": "clip"} if xp is np else {}
-        xp.take(self.x, idx, axis=0, out=x, **kw)
+        if isinstance(self.x, ByteImages):
+            self.x.take(idx, x, self._take_rows)
+        else:
+            xp.take(self.x, idx, axis=0, out=x, **kw)
         xp.take(self.t, idx, axis=0, out=t, **kw)
         if labels is not None:
             xp.take(self.labels, idx, axis=0, out=labels, **kw)

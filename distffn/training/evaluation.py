@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from .. import kernels
+from ..data.byte_images import ByteImages
 from ..data.prepare import prepare_data
 from ..data.sharding import shard_bounds
 from ..errors import UserError
@@ -26,11 +28,14 @@ class SplitEvaluator:
     """
 
     def __init__(self, model_cfg, x, t, labels, chunk: int, xp=np,
-                 process_index: int = 0, process_count: int = 1, sum_over_processes=None):
+                 process_index: int = 0, process_count: int = 1, sum_over_processes=None,
+                 kernels: str = "numpy"):
         lo, hi = shard_bounds(x.shape[0], process_count, process_index)
-        self.x, self.t = xp.asarray(x[lo:hi]), xp.asarray(t[lo:hi])
+        # 8-bit images stay bytes on the host: the model decodes a chunk at a time
+        self.x = x[lo:hi] if isinstance(x, ByteImages) and xp is np else xp.asarray(x[lo:hi])
+        self.t = xp.asarray(t[lo:hi])
         self.labels = None if labels is None else xp.asarray(labels[lo:hi])
-        self.model = MLP(model_cfg, xp)
+        self.model = MLP(model_cfg, xp, kernels=kernels)
         self.chunk = chunk
         self.sum = sum_over_processes or (lambda values: values)
 
@@ -55,10 +60,12 @@ class Evaluator(Extension):
         self.split = SplitEvaluator(job.model, data.x_test, data.t_test, data.labels_test,
                                     job.training.eval_batch_size, backend.array_module,
                                     backend.process_index, backend.process_count,
-                                    backend.sum_over_processes)
+                                    backend.sum_over_processes,
+                                    kernels.resolve(job.scaling.kernels, job.scaling.use_gpu))
         self.validation = None if data.x_val is None else SplitEvaluator(
             job.model, data.x_val, data.t_val, data.labels_val, job.training.eval_batch_size,
-            backend.array_module, backend.process_index, backend.process_count, backend.sum_over_processes)
+            backend.array_module, backend.process_index, backend.process_count, backend.sum_over_processes,
+            kernels.resolve(job.scaling.kernels, job.scaling.use_gpu))
         self.backend = backend
         self.last_step = None
 
@@ -107,7 +114,8 @@ def evaluate_checkpoint(path: str, job_path: str | None = None, overrides=None) 
     _, data, model = prepare_data(job)
     theta, _ = unpack_state(model.layout, arrays, (), path)
     test = SplitEvaluator(job.model, data.x_test, data.t_test, data.labels_test,
-                          job.training.eval_batch_size)(theta)
+                          job.training.eval_batch_size,
+                          kernels=kernels.resolve(job.scaling.kernels, job.scaling.use_gpu))(theta)
     classifies = data.classifies
     return {"checkpoint": path, "step": meta.get("step"), "test_loss": test.loss_sum / test.count, "test_count": test.count,
             "test_correct": test.correct if classifies else None,

@@ -14,6 +14,7 @@ import numpy as np
 from ..data.prepare import prepare_data
 from ..data.sharding import batch_bounds, steps_per_epoch
 from ..errors import Interrupted, StorageFailed, UserError, WorkerFailed
+from ..kernel_warmup import warm_up
 from ..optim import OPTIMIZERS, learning_rate
 from ..parallel import make_backend
 from ..parallel.backend import Totals
@@ -91,11 +92,13 @@ class Trainer:
         """Train to the end (or to an early stop) and return the summary."""
         job = self.job
         self.t_start = time.perf_counter()
+        warm_up(job)                # numba's kernels load while the data does
         ds, data, self.model = prepare_data(job)
         self.classifies = data.classifies
         self.n_train, self.n_test = int(ds.x_train.shape[0]), int(ds.x_test.shape[0])
         self.n_validation = 0 if ds.x_val is None else int(ds.x_val.shape[0])
         self.data_source = ds.source
+        del ds      # only data's arrays stay referenced (an MPI backend shares them on a node)
         self.steps_per_epoch = steps_per_epoch(self.n_train, job.training.batch_size, job.training.drop_last)
         self.total_steps = self.steps_per_epoch * job.training.epochs
         buffers = OPTIMIZERS.get(job.optimizer.name).buffers

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from distffn.data import idx
+from distffn.data.byte_images import ByteImages
 from distffn.data.idx import URLS, read_idx
 from distffn.data.load import load_dataset
 from distffn.errors import UserError
@@ -63,7 +64,7 @@ def test_idx_round_trip(tmp_path, no_system_data, gz):
     raw = write_mnist(tmp_path / "m", gz=gz)
     ds = mnist(tmp_path / "m", normalize=False)
     assert ds.kind == "classification" and ds.image_shape == (28, 28)
-    assert ds.x_train.dtype == np.float32 and ds.x_train.flags.c_contiguous
+    assert isinstance(ds.x_train, ByteImages) and ds.x_train.dtype == np.float32   # bytes, read as float32
     assert ds.x_train.shape == (5, 784) and ds.x_test.shape == (3, 784)
     np.testing.assert_array_equal(ds.x_train, raw[IMAGES].reshape(5, -1).astype(np.float32) / 255)
     np.testing.assert_array_equal(ds.x_test, raw[T_IMAGES].reshape(3, -1).astype(np.float32) / 255)
@@ -196,9 +197,10 @@ def test_real_fashion_mnist():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     ds = load_dataset(DataConfig(dataset="fashion-mnist"), seed=0)
     assert ds.x_train.shape == (60000, 784) and ds.x_test.shape == (10000, 784)
-    assert ds.x_train.dtype == np.float32 and ds.x_train.flags.c_contiguous
+    assert isinstance(ds.x_train, ByteImages) and ds.x_train.codes.nbytes == 60000 * 784
     np.testing.assert_array_equal(np.bincount(ds.y_train), [6000] * 10)
     assert set(np.unique(ds.y_test)) == set(range(10))
     assert ds.num_classes == 10 and ds.class_names[0] == "T-shirt/top" and len(ds.class_names) == 10
-    assert abs(ds.x_train.mean()) < 1e-3 and abs(ds.x_train.std() - 1) < 1e-3
+    x = np.asarray(ds.x_train)
+    assert abs(x.mean()) < 1e-3 and abs(x.std() - 1) < 1e-3
     assert 0.2 < ds.normalization["x_mean"] < 0.4 and isinstance(ds.normalization["x_std"], float)
