@@ -8,6 +8,7 @@
 #
 # Settings (environment): RAY_HEAD_HOST (127.0.0.1: what the GCS and the job server bind to; a
 # real head names its private address), RAY_DASHBOARD_PORT (8265), RAY_HEAD_PORT (6379),
+# RAY_AGENT_PORT (52365), START_TIMEOUT_S (90),
 # RAY_HEAD_CPUS (all), RAY_AUTH_TOKEN (default: the one in STATE_DIR/auth_token, generated once).
 #
 # Why token auth: an open job API runs any code that reaches it as the head's user (ShadowRay,
@@ -23,6 +24,7 @@ STATE=${2:-${TMPDIR:-/tmp}/distffn-ray-head}
 HOST=${RAY_HEAD_HOST:-127.0.0.1}
 DASH_PORT=${RAY_DASHBOARD_PORT:-8265}
 GCS_PORT=${RAY_HEAD_PORT:-6379}
+AGENT_PORT=${RAY_AGENT_PORT:-52365}   # the head's dashboard agent, which runs submitted jobs
 PIDFILE=$STATE/head.pgid
 
 running() { [ -f "$PIDFILE" ] && kill -0 -- "-$(cat "$PIDFILE")" 2>/dev/null; }
@@ -33,7 +35,7 @@ up() {
         return 0
     fi
     local port
-    for port in "$GCS_PORT" "$DASH_PORT"; do
+    for port in "$GCS_PORT" "$DASH_PORT" "$AGENT_PORT"; do
         if ! python3 -c 'import socket, sys; socket.create_server((sys.argv[1], int(sys.argv[2]))).close()' \
                 "$HOST" "$port" 2>/dev/null; then
             echo "ray-head.sh: $HOST:$port is in use (another Ray?); choose RAY_HEAD_PORT / RAY_DASHBOARD_PORT" >&2
@@ -64,22 +66,28 @@ up() {
         setsid "$ray_bin" start --head --block --disable-usage-stats \
         --node-ip-address="$HOST" --port="$GCS_PORT" \
         --dashboard-host="$HOST" --dashboard-port="$DASH_PORT" --include-dashboard=true \
+        --dashboard-agent-listen-port="$AGENT_PORT" \
         ${RAY_HEAD_CPUS:+--num-cpus="$RAY_HEAD_CPUS"} \
         --temp-dir="$temp" >"$STATE/head.log" 2>&1 </dev/null &
     echo $! >"$PIDFILE"
-    # up when the job server answers (it starts after the GCS and raylet)
+    # up when the job server and the agent that runs its jobs both answer (on a busy machine the
+    # agent can take a minute more than the job server; a job submitted before gets "No
+    # available agent")
     for ((i = 0; i < ${START_TIMEOUT_S:-90} * 5; i++)); do
         if ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
             echo "ray-head.sh: the head exited while starting; its log:" >&2
             tail -n 30 "$STATE/head.log" >&2
             exit 1
         fi
-        if python3 - "$HOST" "$DASH_PORT" "$token_file" <<'EOF' 2>/dev/null; then
-import sys, urllib.request
-host, port, token_file = sys.argv[1:]
-token = open(token_file).read().strip()
-req = urllib.request.Request(f"http://{host}:{port}/api/version", headers={"Authorization": f"Bearer {token}"})
-urllib.request.urlopen(req, timeout=1)
+        if python3 - "$HOST" "$DASH_PORT" "$AGENT_PORT" "$token_file" <<'EOF' 2>/dev/null; then
+import sys, urllib.error, urllib.request
+host, port, agent_port, token_file = sys.argv[1:]
+headers = {"Authorization": f"Bearer {open(token_file).read().strip()}"}
+urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/api/version", headers=headers), timeout=2)
+try:                                    # any answer of the agent's will do (it may want its own auth)
+    urllib.request.urlopen(f"http://{host}:{agent_port}/api/local_raylet_healthz", timeout=2)
+except urllib.error.HTTPError:
+    pass
 EOF
             echo "Ray head up (session $(cat "$PIDFILE")): GCS $HOST:$GCS_PORT, job server http://$HOST:$DASH_PORT"
             echo "token: $token_file; clients use it with"

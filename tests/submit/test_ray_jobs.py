@@ -31,10 +31,11 @@ def head(tmp_path_factory):
     """A Ray head of this module's own; yields (state dir, session id, env for clients)."""
     state = tmp_path_factory.mktemp("ray-head")
     env = {**os.environ, "RAY_HEAD_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port()),
+           "RAY_AGENT_PORT": str(free_port()), "START_TIMEOUT_S": "240",
            "RAY_HEAD_CPUS": "4", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)
-    up = run_group([HEAD, "up", str(state)], timeout=150, env=env)
+    up = run_group([HEAD, "up", str(state)], timeout=300, env=env)
     assert up.returncode == 0, up.stdout + up.stderr
     session = int((state / "head.pgid").read_text())
     try:
