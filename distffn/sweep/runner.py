@@ -27,7 +27,15 @@ from ..training.run_lock import RunLock
 from . import fit as fitting
 from . import plots, projection
 from .spec import SweepSpec
-from .trials import plan_timings, plan_trials, promising_first, result_rows, run_timing, run_trials, write_csv
+from .trials import (
+    plan_timings,
+    plan_trials,
+    promising_first,
+    result_rows,
+    run_timings,
+    run_trials,
+    write_csv,
+)
 
 NOISE = "noise.json"
 NOISE_SMALL, NOISE_BIG = 256, 4096       # batch pairs for the measured B_simple
@@ -92,7 +100,7 @@ def _run(spec, base, out, command, echo, progress) -> dict:
     measured = []
     threads = max(1, (os.cpu_count() or 1) // max(spec.num_workers))
     for t in timings:
-        m = run_timing(t, job_path, out, threads)
+        m = run_timings(t, job_path, out, threads, spec.timing_repeats)
         measured.append(m)
         step_times[(t.batch_size, t.num_workers)] = m["step_seconds"]
         echo(f"timed B={t.batch_size} N={t.num_workers} ({t.backend}): {1e3 * m['step_seconds']:.3f} ms/step")

@@ -21,7 +21,8 @@ MPI = os.access(MPIEXEC, os.X_OK)
 JOBS = os.path.join(os.path.dirname(__file__), "..", "..", "jobs")
 SHIPPED = os.path.join(JOBS, "digits-sweep.yaml")
 BATCHES = [8, 32, 128, 512]
-QUICK = [f"batch_sizes={BATCHES}", f"num_workers={[1, 2] if MPI else [1]}", "timing_steps=20", "noise_batches=10"]
+QUICK = [f"batch_sizes={BATCHES}", f"num_workers={[1, 2] if MPI else [1]}", "timing_steps=20", "timing_repeats=1",
+         "noise_batches=10"]
 LRS = 6                                     # the shipped sweep's grid
 
 
@@ -32,7 +33,7 @@ def write(folder, **changes):
         (folder / "digits-sweep-job.yaml").write_text(f.read())
     with open(SHIPPED) as f:
         spec = yaml.safe_load(f)
-    (folder / "sweep.yaml").write_text(yaml.safe_dump({**spec, "num_workers": [1], **changes}))
+    (folder / "sweep.yaml").write_text(yaml.safe_dump({**spec, "num_workers": [1], "timing_repeats": 1, **changes}))
     return str(folder / "sweep.yaml")
 
 
