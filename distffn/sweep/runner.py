@@ -127,6 +127,17 @@ def best_per_batch(results: list[dict]) -> dict[int, dict]:
     return best
 
 
+def grid_edges(results: list[dict], best: dict[int, dict]) -> list[int]:
+    """Batch sizes whose best rate is the smallest or largest tried there (of three or more):
+    the optimum may lie outside the grid, and the steps there are then an upper bound."""
+    edges = []
+    for b, r in sorted(best.items()):
+        rates = sorted({x["lr"] for x in results if x["batch_size"] == b})
+        if len(rates) >= 3 and r["lr"] in (rates[0], rates[-1]):
+            edges.append(b)
+    return edges
+
+
 def measure_noise(spec: SweepSpec, best: dict[int, dict], out: str, echo) -> dict[int, dict]:
     """B_simple at each batch size's best trial's final checkpoint (kept in its noise.json)."""
     found = {}
@@ -170,6 +181,7 @@ def analyse(spec: SweepSpec, base, results: list[dict], measured: list[dict], nu
         "b_noise_se_per_batch": {str(b): e.get("b_simple_se") for b, e in noise.items()},
         "b_crit_over_b_noise": fit.b_crit / b_noise if fit and b_noise else None,
         "measured_slopes": {str(b): s for b, s in fitting.local_slopes(best_steps).items()},
+        "best_lr_at_grid_edge": grid_edges(results, best),
     }
     if fit:
         tol = spec.regime_tolerance
@@ -229,6 +241,9 @@ def closing_lines(summary: dict) -> list[str]:
         ratio = summary.get("b_crit_over_b_noise")
         lines.append(f"B_noise (measured B_simple, median over batch sizes) {summary['b_noise']:.0f}"
                      + (f"; B_crit / B_noise = {ratio:.2f}" if ratio else ""))
+    if summary.get("best_lr_at_grid_edge"):
+        lines.append(f"the best rate is at the edge of the grid at batch sizes "
+                     f"{', '.join(map(str, summary['best_lr_at_grid_edge']))}: widen the grid there")
     if summary.get("not_reached"):
         lines.append(f"target not reached within {summary['max_epochs']} epochs at batch sizes "
                      f"{', '.join(map(str, summary['not_reached']))}")
