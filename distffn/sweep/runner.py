@@ -27,7 +27,15 @@ from ..training.run_lock import RunLock
 from . import fit as fitting
 from . import plots, projection
 from .spec import SweepSpec
-from .trials import plan_timings, plan_trials, promising_first, result_rows, run_timing, run_trials, write_csv
+from .trials import (
+    plan_timings,
+    plan_trials,
+    promising_first,
+    result_rows,
+    run_timings,
+    run_trials,
+    write_csv,
+)
 
 NOISE = "noise.json"
 NOISE_SMALL, NOISE_BIG = 256, 4096       # batch pairs for the measured B_simple
@@ -92,7 +100,7 @@ def _run(spec, base, out, command, echo, progress) -> dict:
     measured = []
     threads = max(1, (os.cpu_count() or 1) // max(spec.num_workers))
     for t in timings:
-        m = run_timing(t, job_path, out, threads)
+        m = run_timings(t, job_path, out, threads, spec.timing_repeats)
         measured.append(m)
         step_times[(t.batch_size, t.num_workers)] = m["step_seconds"]
         echo(f"timed B={t.batch_size} N={t.num_workers} ({t.backend}): {1e3 * m['step_seconds']:.3f} ms/step")
@@ -117,6 +125,17 @@ def best_per_batch(results: list[dict]) -> dict[int, dict]:
                              or r["steps_to_target"] < best[r["batch_size"]]["steps_to_target"]):
             best[r["batch_size"]] = r
     return best
+
+
+def grid_edges(results: list[dict], best: dict[int, dict]) -> list[int]:
+    """Batch sizes whose best rate is the smallest or largest tried there (of three or more):
+    the optimum may lie outside the grid, and the steps there are then an upper bound."""
+    edges = []
+    for b, r in sorted(best.items()):
+        rates = sorted({x["lr"] for x in results if x["batch_size"] == b})
+        if len(rates) >= 3 and r["lr"] in (rates[0], rates[-1]):
+            edges.append(b)
+    return edges
 
 
 def measure_noise(spec: SweepSpec, best: dict[int, dict], out: str, echo) -> dict[int, dict]:
@@ -162,6 +181,7 @@ def analyse(spec: SweepSpec, base, results: list[dict], measured: list[dict], nu
         "b_noise_se_per_batch": {str(b): e.get("b_simple_se") for b, e in noise.items()},
         "b_crit_over_b_noise": fit.b_crit / b_noise if fit and b_noise else None,
         "measured_slopes": {str(b): s for b, s in fitting.local_slopes(best_steps).items()},
+        "best_lr_at_grid_edge": grid_edges(results, best),
     }
     if fit:
         tol = spec.regime_tolerance
@@ -221,6 +241,9 @@ def closing_lines(summary: dict) -> list[str]:
         ratio = summary.get("b_crit_over_b_noise")
         lines.append(f"B_noise (measured B_simple, median over batch sizes) {summary['b_noise']:.0f}"
                      + (f"; B_crit / B_noise = {ratio:.2f}" if ratio else ""))
+    if summary.get("best_lr_at_grid_edge"):
+        lines.append(f"the best rate is at the edge of the grid at batch sizes "
+                     f"{', '.join(map(str, summary['best_lr_at_grid_edge']))}: widen the grid there")
     if summary.get("not_reached"):
         lines.append(f"target not reached within {summary['max_epochs']} epochs at batch sizes "
                      f"{', '.join(map(str, summary['not_reached']))}")

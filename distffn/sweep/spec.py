@@ -82,6 +82,7 @@ class SweepSpec:
     concurrency: int = 1                        # trials at a time (> 1: Ray tasks)
     prune: bool = True                          # stop a trial at the best steps so far at its B
     timing_steps: int = 50                      # steps of each timed (B, N) run
+    timing_repeats: int = 3                     # timed runs per (B, N); the fastest counts
     timing_backend: str = "mpi"                 # the backend of the timed runs with N > 1
     network: str = "10gbe"                      # the preset drawn in time_vs_workers.png
     noise_batches: int = 50                     # batch pairs for the measured B_simple
@@ -110,7 +111,7 @@ class SweepSpec:
 
 _KEYS = {"name": str, "job": str, "batch_sizes": list, "num_workers": list, "lr": object,
          "momentum": list, "target": dict, "max_epochs": int, "eval_every": object,
-         "evals_per_epoch": int, "concurrency": int, "prune": bool, "timing_steps": int, "timing_backend": str,
+         "evals_per_epoch": int, "concurrency": int, "prune": bool, "timing_steps": int, "timing_repeats": int, "timing_backend": str,
          "network": str, "noise_batches": int, "regime_tolerance": float}
 _REQUIRED = ("job", "batch_sizes", "lr", "target", "max_epochs")
 
@@ -161,11 +162,11 @@ def from_dict(raw, path: str, job_overrides: Optional[list[str]] = None) -> Swee
     if missing:
         raise UserError(f"{missing[0]}: required in {source}")
     kw = {}
-    for key in ("name", "job", "max_epochs", "evals_per_epoch", "concurrency", "prune", "timing_steps",
+    for key in ("name", "job", "max_epochs", "evals_per_epoch", "concurrency", "prune", "timing_steps", "timing_repeats",
                 "timing_backend", "network", "noise_batches", "regime_tolerance"):
         if raw.get(key) is not None:
             kw[key] = _coerce(raw[key], _KEYS[key], key)
-    for key in ("max_epochs", "evals_per_epoch", "concurrency", "timing_steps", "noise_batches"):
+    for key in ("max_epochs", "evals_per_epoch", "concurrency", "timing_steps", "timing_repeats", "noise_batches"):
         if key in kw and kw[key] <= 0:
             raise UserError(f"{key}: expected a positive integer, got {kw[key]}")
     if not 0 < kw.get("regime_tolerance", 0.25) < 1:

@@ -16,7 +16,7 @@ from distffn.sweep.projection import (
     fit_sync,
     worker_counts,
 )
-from distffn.sweep.trials import Timing, run_timing
+from distffn.sweep.trials import Timing, run_timings
 
 from helpers import needs_mpi
 
@@ -64,9 +64,9 @@ def test_worker_counts_are_powers_of_two_up_to_the_batch_and_1024():
 @needs_mpi
 def test_the_model_holds_against_the_times_measured_here_at_one_and_two_workers(tmp_path):
     """Fitted to the 1-worker times (compute) and to the median 2-worker overhead, the model
-    gives every measured step time here back: the 1-worker ones within 40%, the 2-worker ones
-    within a factor of 2 (two MPI ranks that poll on a 2-core machine shared with other work
-    time noisily)."""
+    gives every measured step time here back within a factor of 2, though the times span a
+    factor of 10 (a 2-core machine shared with other work times noisily, two polling MPI ranks
+    most; each time is the fastest of 3 runs, as in a sweep)."""
     job = os.path.join(JOBS, "fashion-mnist-sweep-job.yaml")
     if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
         job = os.path.join(JOBS, "digits-sweep-job.yaml")
@@ -76,14 +76,14 @@ def test_the_model_holds_against_the_times_measured_here_at_one_and_two_workers(
     measured = {}
     for b in (64, 256, 1024):
         for n in (1, 2):
-            t = Timing(b, n, "local" if n == 1 else "mpi", steps=40, epochs=2)
-            measured[(b, n)] = run_timing(t, str(path), str(tmp_path), threads=1)["step_seconds"]
+            t = Timing(b, n, "local" if n == 1 else "mpi", steps=60, epochs=2)
+            measured[(b, n)] = run_timings(t, str(path), str(tmp_path), threads=1, repeats=3)["step_seconds"]
     n_bytes = 4 * sum((a + 1) * c for a, c in zip(base.model.layers[:-1], base.model.layers[1:]))
     model = fit_sync(fit_step_model({b: s for (b, n), s in measured.items() if n == 1}, n_bytes), measured)
     here = Network(0.0, 0.0)            # the link's own cost is inside sync
     for (b, n), seconds in measured.items():
         ratio = model.step_seconds(b, n, here) / seconds
-        assert (0.5 < ratio < 2.0) if n == 1 else (0.33 < ratio < 3.0), (b, n, measured, model)
+        assert 0.5 < ratio < 2.0, f"B={b} N={n}: model/measured = {ratio:.2f}; {measured}, {model}"
     # the compute per sample is what the batch buys: the 1-worker times grow with B
     assert measured[(1024, 1)] > measured[(64, 1)] and model.per_sample > 0
     assert math.isfinite(model.sync)
