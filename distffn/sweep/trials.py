@@ -188,7 +188,7 @@ def promising_first(trials: list[Trial]) -> list[Trial]:
         group = by_batch[b]
         rates = sorted({t.lr for t in group})
         middle = math.log(rates[(len(rates) - 1) // 2])
-        out += sorted(group, key=lambda t: (abs(math.log(t.lr) - middle), t.lr))
+        out += sorted(group, key=lambda t: (round(abs(math.log(t.lr) - middle), 6), t.lr))
     return out
 
 
