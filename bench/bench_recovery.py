@@ -61,7 +61,7 @@ import yaml
 from benchlib import REPO, log
 
 sys.path.insert(0, os.path.join(REPO, "tests"))
-from distffn.parallel.watchdog import process_table
+from distffn.parallel.watchdog import descendants, process_table
 from distffn.training import checkpoint as ckpt
 
 from helpers import MPIEXEC, job_dict, processes_in_sessions
@@ -264,20 +264,6 @@ class Run:
         for t in self.threads:
             t.join(timeout=5)
         return left
-
-
-def descendants(root: int) -> dict:
-    """{pid: start time} of every descendant of ``root`` now (by parent pid)."""
-    table = process_table()
-    children: dict = {}
-    for pid, proc in table.items():
-        children.setdefault(proc.ppid, []).append(pid)
-    found, todo = {}, [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found[child] = table[child].start
-            todo.append(child)
-    return found
 
 
 def still_alive(known: dict) -> list:

@@ -54,7 +54,10 @@ def process_table() -> dict[int, Proc]:
     return out
 
 
-def _descendants(root: int, table: dict) -> dict[int, str]:
+def descendants(root: int, table: dict | None = None) -> dict[int, str]:
+    """{pid: start time} of every descendant of ``root`` (by parent pid) in ``table``
+    (default: the process table now)."""
+    table = process_table() if table is None else table
     children: dict[int, list[int]] = {}
     for pid, proc in table.items():
         children.setdefault(proc.ppid, []).append(pid)
@@ -78,7 +81,7 @@ def watch(driver: int, folders=(), every_s: float = 0.5) -> None:
         table = process_table()
         if driver not in table or table[driver].start != started:
             break
-        known.update({p: t for p, t in _descendants(driver, table).items() if p != me})
+        known.update({p: t for p, t in descendants(driver, table).items() if p != me})
         time.sleep(every_s)
     for pid, start in known.items():
         if pid in table and table[pid].start == start:

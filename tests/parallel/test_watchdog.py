@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from distffn.parallel.watchdog import _descendants, process_table
+from distffn.parallel.watchdog import descendants, process_table
 
 from helpers import processes_in_sessions, write_equiv_job
 
@@ -28,7 +28,7 @@ def test_sigkill_of_the_driver_leaves_no_process_behind(tmp_path, backend):
             assert driver.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
         time.sleep(1)
-        started = _descendants(driver.pid, process_table())
+        started = descendants(driver.pid, process_table())
         temp = _watched_folders(driver.pid)    # this run's (other runs may be going on meanwhile)
         assert len(started) >= 3                                  # mpiexec + 2 ranks; or Ray's many
         assert len(temp) == (1 if backend == "ray" else 0)
