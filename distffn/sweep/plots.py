@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -87,8 +88,9 @@ def time_vs_workers(summary: dict, measured: list[dict], path: str) -> str:
     table = proj.get("seconds_to_target") or {}
     measured_s = summary.get("measured_seconds_to_target") or {}
     batches = sorted(int(b) for b in table)
+    cmap = matplotlib.colormaps["viridis"]
     for i, b in enumerate(batches):
-        colour = f"C{i % 10}"
+        colour = cmap(0.92 * i / max(len(batches) - 1, 1))      # one colour per batch size, in order
         row = table[str(b)]
         ns = sorted(int(n) for n in row)
         ax.plot(ns, [row[str(n)] for n in ns], "--", color=colour, lw=1)
