@@ -23,7 +23,7 @@ SHIPPED = os.path.join(JOBS, "digits-sweep.yaml")
 BATCHES = [8, 32, 128, 512]
 QUICK = [f"batch_sizes={BATCHES}", f"num_workers={[1, 2] if MPI else [1]}", "timing_steps=20", "timing_repeats=1",
          "noise_batches=10"]
-LRS = 6                                     # the shipped sweep's grid
+LRS = 7                                     # the shipped sweep's grid
 
 
 def write(folder, **changes):
