@@ -1,0 +1,30 @@
+"""The sweep's analysis: the best trial per batch size, rates at the grid's edge, the closing lines."""
+from __future__ import annotations
+
+from distffn.sweep.runner import best_per_batch, closing_lines, grid_edges
+
+
+def results():
+    return [{"batch_size": b, "lr": lr, "reached": steps is not None, "steps_to_target": steps}
+            for b, lr, steps in ((16, 0.01, 90), (16, 0.02, 100), (16, 0.04, 120),
+                                 (64, 0.01, 60), (64, 0.02, 40), (64, 0.04, 40), (256, 0.1, None))]
+
+
+def test_the_best_trial_has_the_fewest_steps_and_ties_go_to_the_smaller_rate():
+    best = best_per_batch(results())
+    assert {b: (r["lr"], r["steps_to_target"]) for b, r in best.items()} == {16: (0.01, 90), 64: (0.02, 40)}
+
+
+def test_a_best_rate_at_the_edge_of_the_grid_is_flagged():
+    assert grid_edges(results(), best_per_batch(results())) == [16]
+
+
+def test_the_closing_lines_give_the_fit_the_noise_scale_and_their_ratio():
+    summary = {"fit": {"s_min": 100.0, "b_crit": 500.0, "e_min": 5e4, "rms_log_error": 0.1},
+               "regimes": {"perfect_scaling": [None, 125.0], "diminishing_returns": [125.0, 2000.0]},
+               "b_noise": 400.0, "b_crit_over_b_noise": 1.25, "best_lr_at_grid_edge": [16],
+               "not_reached": [4096], "max_epochs": 9, "projection": None}
+    text = "\n".join(closing_lines(summary))
+    for needle in ("B_crit 500", "E_min 50000", "B_noise (measured B_simple, median over batch sizes) 400",
+                   "B_crit / B_noise = 1.25", "edge of the grid at batch sizes 16", "not reached within 9 epochs"):
+        assert needle in text, needle
