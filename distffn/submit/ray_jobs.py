@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -117,7 +118,10 @@ class RayJobs(Scheduler):
         return f"ray at {self.profile.address}"
 
     # ---------------------------------------------------------------- the SDK client
-    def _client(self):
+    @functools.cached_property
+    def client(self):
+        """One SDK client per command: connecting checks the server's version and the token,
+        which `stop` and `logs --follow` would otherwise repeat at every poll of the state."""
         try:
             from ray.exceptions import AuthenticationError
             from ray.job_submission import JobSubmissionClient
@@ -192,7 +196,7 @@ class RayJobs(Scheduler):
         else:                           # a local or MPI backend computes where the driver runs
             cpus = 0 if job.scaling.backend == "ray" else job.scaling.num_workers
         record.command = run_command(p.command, job_arg, record.run_dir, record.resume, overrides)
-        client = self._client()
+        client = self.client
         kwargs = {}
         if p.entrypoint_num_gpus is not None or job.scaling.use_gpu and job.scaling.backend != "ray":
             kwargs["entrypoint_num_gpus"] = (p.entrypoint_num_gpus if p.entrypoint_num_gpus is not None
@@ -213,17 +217,17 @@ class RayJobs(Scheduler):
             time.sleep(1)
 
     def status(self, record) -> JobState:
-        info = self._call(record.id, self._client().get_job_info, record.native_id)
+        info = self._call(record.id, self.client.get_job_info, record.native_id)
         state = getattr(info.status, "value", str(info.status))
         detail = (info.message or "").strip().splitlines()
         return JobState(state if state in STATES else FAILED, f"Ray job {record.native_id}"
                         + (f": {detail[0][:200]}" if detail else ""))
 
     def logs(self, record) -> str:
-        return self._call(record.id, self._client().get_job_logs, record.native_id)
+        return self._call(record.id, self.client.get_job_logs, record.native_id)
 
     def follow(self, record) -> Iterator[str]:
-        client = self._client()
+        client = self.client
         while self.status(record).state == PENDING:     # nothing to tail before it runs
             time.sleep(1)
         loop = asyncio.new_event_loop()
@@ -245,4 +249,4 @@ class RayJobs(Scheduler):
     def stop(self, record) -> None:
         state = self.status(record).state
         if state in (PENDING, RUNNING):
-            self._call(record.id, self._client().stop_job, record.native_id)
+            self._call(record.id, self.client.stop_job, record.native_id)

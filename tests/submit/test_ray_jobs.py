@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from distffn.parallel.watchdog import process_table
+
 from helpers import (
     REPO,
     free_port,
@@ -162,15 +164,7 @@ def test_submitting_without_or_with_a_wrong_token_exits_2(client, tmp_path):
 def _alive(pids, within_s):
     deadline = time.monotonic() + within_s
     while True:
-        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and _state(p) != "Z"]
+        alive = [pid for pid, p in process_table().items() if pid in pids and p.state != "Z"]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.3)
-
-
-def _state(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
