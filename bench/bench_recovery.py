@@ -291,14 +291,26 @@ def last_error(run: Run) -> str:
 
 # ---------------------------------------------------------------- scenarios
 
-def scenario_worker_kill(folder, backend, max_failures, timeout):
-    job = write_job(folder, backend, long=False, max_failures=max_failures)
+def start_run(folder: str, backend: str, **job) -> "Run":
+    """`distffn run` of a job written by :func:`write_job` into ``folder/run``."""
+    job_path = write_job(folder, backend, **job)
     run_dir = os.path.join(folder, "run")
-    run = Run(distffn_cmd(job, run_dir), run_dir)
+    return Run(distffn_cmd(job_path, run_dir), run_dir)
+
+
+def under_way(run: "Run", timeout: float, res: dict) -> bool:
+    """Whether training got past 3 checkpoints within ``timeout``; if not, ``res`` says why."""
+    if run.wait_checkpoints(3, timeout):
+        return True
+    res["error"] = f"training did not reach step {3 * EVERY} (exit {run.p.poll()}): {last_error(run)}"
+    return False
+
+
+def scenario_worker_kill(folder, backend, max_failures, timeout):
+    run = start_run(folder, backend, long=False, max_failures=max_failures)
     res = {"max_failures": max_failures}
     try:
-        if not run.wait_checkpoints(3, timeout):
-            res["error"] = f"training did not reach step {3 * EVERY} (exit {run.p.poll()}): {last_error(run)}"
+        if not under_way(run, timeout, res):
             return res
         victim = run.worker_pid(1)
         t_kill = time.monotonic()
@@ -350,13 +362,10 @@ def scenario_worker_kill(folder, backend, max_failures, timeout):
 
 
 def scenario_driver_kill(folder, backend, timeout, bound_s=30.0):
-    job = write_job(folder, backend, long=True)
-    run_dir = os.path.join(folder, "run")
-    run = Run(distffn_cmd(job, run_dir), run_dir)
+    run = start_run(folder, backend, long=True)
     res = {}
     try:
-        if not run.wait_checkpoints(3, timeout):
-            res["error"] = f"training did not reach step {3 * EVERY} (exit {run.p.poll()}): {last_error(run)}"
+        if not under_way(run, timeout, res):
             return res
         known = descendants(run.p.pid)
         session_before = processes_in_sessions({run.session})
@@ -385,13 +394,10 @@ def scenario_driver_kill(folder, backend, timeout, bound_s=30.0):
 
 
 def scenario_sigterm(folder, backend, timeout):
-    job = write_job(folder, backend, long=True)
-    run_dir = os.path.join(folder, "run")
-    run = Run(distffn_cmd(job, run_dir), run_dir)
+    run = start_run(folder, backend, long=True)
     res = {}
     try:
-        if not run.wait_checkpoints(3, timeout):
-            res["error"] = f"training did not reach step {3 * EVERY} (exit {run.p.poll()}): {last_error(run)}"
+        if not under_way(run, timeout, res):
             return res
         t_sig = time.monotonic()
         res["step_at_signal"] = run.newest_step_seen(t_sig)
@@ -403,10 +409,10 @@ def scenario_sigterm(folder, backend, timeout):
             return res
         res["signal_to_exit_s"] = run.t_exit - t_sig
         res["last_error"] = last_error(run)
-        cks = ckpt.list_checkpoints(os.path.join(run_dir, "checkpoints"))
+        cks = ckpt.list_checkpoints(os.path.join(run.run_dir, "checkpoints"))
         res["newest_checkpoint_step"] = cks[-1][0] if cks else None
         try:
-            with open(os.path.join(run_dir, "summary.json")) as f:
+            with open(os.path.join(run.run_dir, "summary.json")) as f:
                 res["summary_step"] = json.load(f).get("step")
         except (OSError, ValueError):
             res["summary_step"] = None
