@@ -207,6 +207,57 @@ class GemmRunner:
         return out
 
 
+# ---------------------------------------------------------------- where the time goes
+
+class _NoProducts:
+    """NumPy with ``matmul`` a no-op: the model's step without its matrix products."""
+    ndarray = np.ndarray
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def matmul(a, b, out=None):
+        return out
+
+
+def phases(d: DistffnRunner, g: GemmRunner, k: int) -> dict:
+    """µs per step (median of 5 blocks of ``k``): the whole step, its five products alone
+    (GemmRunner), the update alone (the optimizer on the step's ΔΘ), and the step without
+    products (gather, elementwise kernels, Python): the roofline of BENCHMARKS.md."""
+    be = d.backend
+    worker, agg = be.workers[0], be.aggregator
+    lr = d.job.optimizer.lr
+
+    def median_us(fn, reps):
+        for _ in range(max(3, reps // 10)):
+            fn()
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            ts.append((time.perf_counter() - t0) / reps * 1e6)
+        return statistics.median(ts)
+
+    out = {"step": median_us(lambda: d.run(1), k),
+           "products": median_us(lambda: g.run(1), k)}
+    grad = worker.grad.copy()                  # a real ΔΘ: no denormals in the velocity
+    out["update"] = median_us(lambda: agg.optimizer.update(agg.theta, grad, lr, 1.0 / d.B), k)
+    model_xp, worker.model.xp = worker.model.xp, _NoProducts()
+    try:
+        out["step_without_products"] = median_us(lambda: d.run(1), k)
+    finally:
+        worker.model.xp = model_xp
+    n = agg.theta.size
+    # bytes the momentum update moves: read Θ, v, ΔΘ; write Θ, v (float32)
+    out["update_GB_per_s"] = 5 * 4 * n / (out["update"] * 1e-6) / 1e9 if agg.optimizer.name == "momentum" else None
+    sizes = worker.model.sizes
+    flops = 2 * d.B * sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) * 3 - 2 * d.B * sizes[0] * sizes[1]
+    out["products_GFLOP_per_s"] = flops / (out["products"] * 1e-6) / 1e9
+    return out
+
+
 # ---------------------------------------------------------------- summary
 
 def summarize(blocks: list, batch_sizes: list) -> dict:
@@ -391,6 +442,17 @@ def main(argv=None):
             f"torch {last['torch']['mean_loss']:.4f}; GEMM per call (µs): " +
             ", ".join(f"{n} {1e6 * t:.0f}" for n, t in breakdown[str(B)].items()))
 
+    roofline = {}
+    for B in args.batch_sizes:
+        d, _, g = runners[B]
+        roofline[str(B)] = ph = phases(d, g, steps[B])
+        log(f"B={B}: where a step's time goes (µs): step {ph['step']:.0f} = products "
+            f"{ph['products']:.0f} ({ph['products_GFLOP_per_s']:.0f} GFLOP/s) + the rest; the rest "
+            f"alone: update {ph['update']:.0f}"
+            + (f" ({ph['update_GB_per_s']:.0f} GB/s)" if ph["update_GB_per_s"] else "")
+            + f", step without products {ph['step_without_products']:.0f} (update, gather, "
+              f"elementwise kernels, Python)")
+
     env["loadavg_end"] = list(os.getloadavg())
     summary = summarize(blocks, args.batch_sizes)
     print_table(summary, env, args, cmd)
@@ -402,7 +464,8 @@ def main(argv=None):
                    threads=args.threads,
                    targets={"torch": {str(b): t for b, t in TORCH_TARGET.items()},
                             "gemm_fraction": GEMM_TARGET}),
-               "blocks": blocks, "gemm_breakdown_s_per_call": breakdown, "summary": summary,
+               "blocks": blocks, "gemm_breakdown_s_per_call": breakdown, "roofline_us": roofline,
+               "summary": summary,
                "bench_seconds": time.perf_counter() - t_start}
         benchlib.write_json(args.json, out, indent=2)
 

