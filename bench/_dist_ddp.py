@@ -115,7 +115,7 @@ def main():
         if rank == 0:
             log(f"DDP N={world} B={B}: {blk['samples_per_s']:,.0f} samples/s "
                 f"(warm-up {done} steps)")
-        del ddp, opt
+        ddp = opt = None                 # let the model go before the next batch size
 
     # communication alone: one all_reduce of the ΔΘ-sized buffer
     buf = torch.zeros(GRAD_FLOATS, dtype=torch.float32)

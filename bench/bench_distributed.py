@@ -376,7 +376,7 @@ def main(argv=None):
     env = environment()
     log(f"distffn distributed benchmark: {len(configs)} configurations × {args.rounds} rounds, "
         f"batch sizes {args.batch_sizes}, CPU {env.get('cpu_model')} ×{env['cpu_count']}")
-    blocks, extras, failures, processes = [], [], [], []
+    blocks, extras, failures = [], [], []
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_dist_") as tmp:
         for rnd in range(args.rounds):
