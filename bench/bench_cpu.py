@@ -72,6 +72,19 @@ def numpy_threads(env: dict):
     return n[0] if n else None
 
 
+def seconds_per_call(fn, reps: int, blocks: int, warmup: int) -> float:
+    """Median over ``blocks`` blocks of ``reps`` calls of ``fn``, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        ts.append((time.perf_counter() - t0) / reps)
+    return statistics.median(ts)
+
+
 # ---------------------------------------------------------------- contenders
 
 class DistffnRunner:
@@ -193,18 +206,7 @@ class GemmRunner:
 
     def breakdown(self, k: int) -> dict:
         """Seconds per call of each product timed on its own (median of 3 blocks of k)."""
-        out = {}
-        for name, fn in self.products.items():
-            for _ in range(3):
-                fn()
-            ts = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                for _ in range(k):
-                    fn()
-                ts.append((time.perf_counter() - t0) / k)
-            out[name] = statistics.median(ts)
-        return out
+        return {name: seconds_per_call(fn, k, blocks=3, warmup=3) for name, fn in self.products.items()}
 
 
 # ---------------------------------------------------------------- where the time goes
@@ -230,15 +232,7 @@ def phases(d: DistffnRunner, g: GemmRunner, k: int) -> dict:
     lr = d.job.optimizer.lr
 
     def median_us(fn, reps):
-        for _ in range(max(3, reps // 10)):
-            fn()
-        ts = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            ts.append((time.perf_counter() - t0) / reps * 1e6)
-        return statistics.median(ts)
+        return 1e6 * seconds_per_call(fn, reps, blocks=5, warmup=max(3, reps // 10))
 
     out = {"step": median_us(lambda: d.run(1), k),
            "products": median_us(lambda: g.run(1), k)}
