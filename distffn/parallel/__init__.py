@@ -36,8 +36,8 @@ def aggregations() -> list[str]:
 def resolve_aggregation(job) -> str:
     """``auto``: allreduce where MPI can carry the gradients (MPI; Ray with mpi4py and mpiexec,
     on its own Ray or over a named ``scaling.interface``), else central, the mode that runs on
-    any Ray cluster. Measured here, allreduce is 3.5× / 2.1× central's samples/s on Ray (batch
-    128 / 512) and 1.2× / 1.1× on MPI."""
+    any Ray cluster. Measured here (BENCHMARKS.md, 2026-12-02, idle), allreduce is 4.4× / 2.4×
+    central's samples/s on Ray (batch 128 / 512) and 1.2× / 1.1× on MPI."""
     s = job.scaling
     if s.aggregation != AUTO:
         return s.aggregation
