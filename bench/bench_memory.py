@@ -15,7 +15,6 @@ those samples, the number of processes, and the largest processes by name.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -24,7 +23,7 @@ import tempfile
 import time
 
 import benchlib
-from benchlib import JOB, log
+from benchlib import log
 
 CONFIGS = {
     "local": ["scaling.backend=local"],
@@ -128,17 +127,13 @@ def measure(name: str, overrides: list, args, tmp: str) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = benchlib.run_parser(__doc__, timeout=300)
     ap.add_argument("--configs", nargs="+", default=DEFAULT, choices=list(CONFIGS))
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--interval", type=float, default=0.25)
-    ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--job", default=JOB)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    cmd = benchlib.command_line(argv, "bench_memory.py")
-    env = benchlib.base_environment(git=benchlib.git_rev(), cpu_model=benchlib.cpu_model())
+    cmd, env = benchlib.run_record(argv, "bench_memory.py")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_mem_") as tmp:
         for rnd in range(args.rounds):

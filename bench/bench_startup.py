@@ -11,7 +11,6 @@ Configurations rotate round by round; medians are reported.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -20,7 +19,7 @@ import tempfile
 import time
 
 import benchlib
-from benchlib import JOB, log, wait_idle
+from benchlib import log, wait_idle
 
 CONFIGS = {
     "local": ["scaling.backend=local"],
@@ -49,16 +48,11 @@ def time_to_start(overrides, args, folder) -> float | None:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = benchlib.run_parser(__doc__, timeout=120, wait_idle=3.0)
     ap.add_argument("--configs", nargs="+", default=["local", "mpi2", "ray2"], choices=list(CONFIGS))
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--timeout", type=float, default=120)
-    ap.add_argument("--wait-idle", type=float, default=3.0)
-    ap.add_argument("--job", default=JOB)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    cmd = benchlib.command_line(argv, "bench_startup.py")
-    env = benchlib.base_environment(git=benchlib.git_rev(), cpu_model=benchlib.cpu_model())
+    cmd, env = benchlib.run_record(argv, "bench_startup.py")
     times = {c: [] for c in args.configs}
     with tempfile.TemporaryDirectory(prefix="bench_startup_") as tmp:
         for rnd in range(args.rounds):

@@ -18,7 +18,6 @@ the time to target, the evaluation that crossed it, and the start-up (command st
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -28,7 +27,7 @@ import tempfile
 import time
 
 import benchlib
-from benchlib import JOB, log, wait_idle
+from benchlib import log, wait_idle
 
 
 def follow(proc, source, t0: float, target: float, timeout: float, stop: bool) -> dict:
@@ -111,20 +110,15 @@ def _end(proc):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = benchlib.run_parser(__doc__, timeout=240, wait_idle=5.0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--target", type=float, default=0.89)
     ap.add_argument("--epochs", type=int, default=20, help="the cosine's length (the job's: 20)")
     ap.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: each epoch)")
     ap.add_argument("--set", action="append", default=[], help="extra distffn --set overrides")
     ap.add_argument("--full", action="store_true", help="let every run finish (default: stop at the target)")
-    ap.add_argument("--timeout", type=float, default=240)
-    ap.add_argument("--wait-idle", type=float, default=5.0)
-    ap.add_argument("--job", default=JOB)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    cmd = benchlib.command_line(argv, "bench_time_to_accuracy.py")
-    env = benchlib.base_environment(git=benchlib.git_rev(), cpu_model=benchlib.cpu_model())
+    cmd, env = benchlib.run_record(argv, "bench_time_to_accuracy.py")
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench_tta_") as tmp:
         for i, seed in enumerate(args.seeds):

@@ -47,6 +47,24 @@ def driver_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
+def run_parser(doc: str, timeout: float, wait_idle: float | None = None) -> argparse.ArgumentParser:
+    """The parser of a bench that times whole ``distffn run`` commands (memory, start-up, time to
+    accuracy): its docstring's first paragraph as description, --timeout per command,
+    --wait-idle where the bench waits for an idle machine, --job and --json."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--timeout", type=float, default=timeout)
+    if wait_idle is not None:
+        ap.add_argument("--wait-idle", type=float, default=wait_idle)
+    ap.add_argument("--job", default=JOB)
+    ap.add_argument("--json", default=None)
+    return ap
+
+
+def run_record(argv, script: str) -> tuple[str, dict]:
+    """(the command as typed, the environment record: git revision and CPU model) of such a bench."""
+    return command_line(argv, script), base_environment(git=git_rev(), cpu_model=cpu_model())
+
+
 def command_line(argv, script: str) -> str:
     """The command as typed (``python path/to/script.py ARGS``), or with ``script`` and
     ``argv`` when main() was called from Python."""
