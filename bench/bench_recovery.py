@@ -306,6 +306,15 @@ def under_way(run: "Run", timeout: float, res: dict) -> bool:
     return False
 
 
+def exited(run: "Run", timeout: float, res: dict) -> bool:
+    """Whether the run exited within ``timeout``; ``res`` gets its exit code (None) or why not."""
+    res["exit_code"] = run.wait_exit(timeout)
+    if res["exit_code"] is None:
+        res["error"] = "did not exit in time"
+        return False
+    return True
+
+
 def scenario_worker_kill(folder, backend, max_failures, timeout):
     run = start_run(folder, backend, long=False, max_failures=max_failures)
     res = {"max_failures": max_failures}
@@ -316,10 +325,7 @@ def scenario_worker_kill(folder, backend, max_failures, timeout):
         t_kill = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         res.update(victim=victim, startup_s=t_kill - run.t_start)
-        code = run.wait_exit(timeout)
-        res["exit_code"] = code
-        if code is None:
-            res["error"] = "did not exit in time"
+        if not exited(run, timeout, res):
             return res
         res["kill_to_exit_s"] = run.t_exit - t_kill
         time.sleep(3 * POLL_S)
@@ -402,10 +408,7 @@ def scenario_sigterm(folder, backend, timeout):
         t_sig = time.monotonic()
         res["step_at_signal"] = run.newest_step_seen(t_sig)
         os.kill(run.p.pid, signal.SIGTERM)
-        code = run.wait_exit(timeout)
-        res["exit_code"] = code
-        if code is None:
-            res["error"] = "did not exit in time"
+        if not exited(run, timeout, res):
             return res
         res["signal_to_exit_s"] = run.t_exit - t_sig
         res["last_error"] = last_error(run)
@@ -437,10 +440,7 @@ def scenario_full_disk(folder, backend, timeout, size="192k"):
     run = Run(cmd, run_dir, view_root="PID")
     res = {"tmpfs": size}
     try:
-        code = run.wait_exit(timeout)
-        res["exit_code"] = code
-        if code is None:
-            res["error"] = "did not exit in time"
+        if not exited(run, timeout, res):
             return res
         time.sleep(3 * POLL_S)
         res["last_error"] = last_error(run)
