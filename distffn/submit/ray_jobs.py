@@ -39,6 +39,12 @@ AGENT_WAIT_S = 60          # for the job agent of a head that has just started
 RUNTIME_ENV_KEYS = ("working_dir", "pip", "env_vars", "excludes", "py_modules")
 
 
+def _local_folder(working_dir: str, profile_path: str) -> str:
+    """A local ``runtime_env.working_dir`` as an absolute path: ``~`` expanded, relative to the
+    profile's folder."""
+    return os.path.abspath(os.path.join(os.path.dirname(profile_path), os.path.expanduser(working_dir)))
+
+
 @dataclass
 class RayProfile:
     address: str = "http://127.0.0.1:8265"      # the job server (the dashboard's port)
@@ -104,7 +110,7 @@ class RayJobs(Scheduler):
                             f"(expected: {', '.join(RUNTIME_ENV_KEYS)})")
         wd = env.get("working_dir")
         if wd is not None and (not isinstance(wd, str) or ("://" not in wd and not os.path.isdir(
-                os.path.join(os.path.dirname(source), os.path.expanduser(wd))))):
+                _local_folder(wd, source)))):
             raise UserError(f"{source}: runtime_env.working_dir: expected a folder (relative to the "
                             f"profile) or a remote URI, got {wd!r}")
         if not isinstance(env.get("env_vars", {}), dict) or not all(
@@ -177,8 +183,7 @@ class RayJobs(Scheduler):
             # the user's project travels: the job spec as they wrote it, their --set on top
             wd = env["working_dir"]
             if "://" not in wd:
-                wd = os.path.abspath(os.path.join(os.path.dirname(self.source), os.path.expanduser(wd)))
-                env["working_dir"] = wd
+                env["working_dir"] = wd = _local_folder(wd, self.source)
                 rel = os.path.relpath(os.path.abspath(record.job_path), wd)
                 if rel.startswith(".."):
                     raise UserError(f"{record.job_path}: outside runtime_env.working_dir {wd}; the "
