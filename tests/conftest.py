@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import glob
 import os
+import pathlib
+import shutil
+import sys
+import tempfile
 
 import pytest
 
 from distffn.data import idx
 
-from helpers import ADAM, train_in_process
+from helpers import ADAM, REPO, free_port, processes_in_sessions, run_group, train_in_process
+
+RAY_HEAD = os.path.join(REPO, "cluster", "ray-head.sh")
+SLURM_CLUSTER = os.path.join(REPO, "cluster", "slurm", "local-cluster.sh")
 
 
 @pytest.fixture
@@ -73,3 +80,89 @@ def no_leaked_mpi_shared_memory():
             os.unlink(path)
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------- clusters for `distffn submit`
+# One of each per test session (each takes seconds to start); every test submits with a
+# $DISTFFN_HOME and run folders of its own.
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A Ray head of the session's own (`cluster/ray-head.sh up` on 127.0.0.1, token auth),
+    stopped by its process session; yields (state dir, session id, env for clients)."""
+    state = tmp_path_factory.mktemp("ray-head")
+    env = {**os.environ, "RAY_HEAD_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port()),
+           "RAY_AGENT_PORT": str(free_port()), "START_TIMEOUT_S": "240",
+           "RAY_HEAD_CPUS": "4", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    up = run_group([RAY_HEAD, "up", str(state)], timeout=300, env=env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    session = int((state / "head.pgid").read_text())
+    try:
+        yield state, session, env
+    finally:
+        down = run_group([RAY_HEAD, "down", str(state)], timeout=60, env=env)
+        assert down.returncode == 0, down.stderr
+        assert processes_in_sessions({session}, within_s=20) == []
+
+
+@pytest.fixture
+def ray_client(ray_head, tmp_path):
+    """Runs `distffn ARGS` as a user with the head's token and a $DISTFFN_HOME of its own;
+    ``.profile`` is a `kind: ray` profile whose runs go under tmp_path."""
+    state, _, env = ray_head
+    profile = tmp_path / "ray.yaml"
+    profile.write_text(f"kind: ray\naddress: http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}\n"
+                       f"runs: {tmp_path / 'runs'}\n")
+    user = {**env, "DISTFFN_HOME": str(tmp_path / "home"), "HOME": str(tmp_path),
+            "RAY_AUTH_TOKEN_PATH": str(state / "auth_token")}
+
+    def distffn(*args, timeout=120, **env_changes):
+        e = {k: v for k, v in {**user, **env_changes}.items() if v is not None}
+        return run_group([sys.executable, "-m", "distffn", *map(str, args)], timeout=timeout, env=e)
+    distffn.profile = profile
+    distffn.env = user
+    return distffn
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A single-node SLURM of the session's own (`cluster/slurm/local-cluster.sh up`: munged,
+    slurmctld, slurmd), stopped by its pid files; yields the environment its clients need."""
+    assert shutil.which("slurmctld") and shutil.which("munged"), \
+        "SLURM's daemons are missing: apt-get install -y slurm-wlm munge (.ci/run does)"
+    # munged wants every folder above its socket searchable by all (pytest's are 0700)
+    state = pathlib.Path(tempfile.mkdtemp(prefix="distffn-slurm-", dir="/tmp"))
+    state.chmod(0o755)
+    env = {**os.environ, "DISTFFN_SLURMCTLD_PORT": str(free_port()), "DISTFFN_SLURMD_PORT": str(free_port()),
+           "DISTFFN_SRUN_PORTS": "18820-18899", "DISTFFN_SLURM_KILLWAIT": "20",
+           "DISTFFN_SLURM_CRED_EXPIRE": "5",
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    up = run_group([SLURM_CLUSTER, "up", str(state)], timeout=90, env=env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    try:
+        yield env
+    finally:
+        down = run_group([SLURM_CLUSTER, "down", str(state)], timeout=120, env=env)
+        assert down.returncode == 0, down.stdout + down.stderr
+        status = run_group([SLURM_CLUSTER, "status", str(state)], timeout=30, env=env)
+        assert "running" not in status.stdout.replace("not running", ""), status.stdout
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def slurm_client(slurm_cluster, tmp_path):
+    """Runs `distffn ARGS` as a user of this SLURM, with a $DISTFFN_HOME of its own;
+    ``.profile`` is a `kind: slurm` profile (1 node, 2 tasks) whose runs go under tmp_path."""
+    profile = tmp_path / "slurm.yaml"
+    profile.write_text(f"kind: slurm\npartition: debug\nnodes: 1\ntasks_per_node: 2\ntime: '00:10:00'\n"
+                       f"command: {sys.executable} -m distffn\nruns: {tmp_path / 'runs'}\n")
+    user = {**slurm_cluster, "DISTFFN_HOME": str(tmp_path / "home")}
+
+    def distffn(*args, timeout=120):
+        return run_group([sys.executable, "-m", "distffn", *map(str, args)], timeout=timeout, env=user)
+    distffn.profile = profile
+    distffn.env = user
+    return distffn

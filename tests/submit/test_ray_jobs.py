@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import pytest
@@ -13,56 +12,19 @@ import pytest
 from distffn.parallel.watchdog import process_table
 
 from helpers import (
-    REPO,
-    free_port,
     is_loopback,
-    processes_in_sessions,
     processes_naming,
-    run_group,
     session_listeners,
     write_job,
 )
 
-HEAD = os.path.join(REPO, "cluster", "ray-head.sh")
 DIGITS_2 = {"name": "digits2", "data": {"dataset": "digits"}, "model": {"layers": [64, 32, 10]},
             "training": {"epochs": 3, "batch_size": 64}, "scaling": {"num_workers": 2}}
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A Ray head of this module's own; yields (state dir, session id, env for clients)."""
-    state = tmp_path_factory.mktemp("ray-head")
-    env = {**os.environ, "RAY_HEAD_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(free_port()),
-           "RAY_AGENT_PORT": str(free_port()), "START_TIMEOUT_S": "240",
-           "RAY_HEAD_CPUS": "4", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        env.pop(name, None)
-    up = run_group([HEAD, "up", str(state)], timeout=300, env=env)
-    assert up.returncode == 0, up.stdout + up.stderr
-    session = int((state / "head.pgid").read_text())
-    try:
-        yield state, session, env
-    finally:
-        down = run_group([HEAD, "down", str(state)], timeout=60, env=env)
-        assert down.returncode == 0, down.stderr
-        assert processes_in_sessions({session}, within_s=20) == []
-
-
 @pytest.fixture
-def client(head, tmp_path):
-    """Runs `distffn ARGS` as a user with the head's token and a $DISTFFN_HOME of its own."""
-    state, _, env = head
-    profile = tmp_path / "ray.yaml"
-    profile.write_text(f"kind: ray\naddress: http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}\n"
-                       f"runs: {tmp_path / 'runs'}\n")
-    user = {**env, "DISTFFN_HOME": str(tmp_path / "home"), "HOME": str(tmp_path),
-            "RAY_AUTH_TOKEN_PATH": str(state / "auth_token")}
-
-    def distffn(*args, timeout=120, **env_changes):
-        e = {k: v for k, v in {**user, **env_changes}.items() if v is not None}
-        return run_group([sys.executable, "-m", "distffn", *map(str, args)], timeout=timeout, env=e)
-    distffn.profile = profile
-    return distffn
+def client(ray_client):
+    return ray_client
 
 
 def wait_for(distffn, job_id, states, timeout=180):
@@ -76,8 +38,8 @@ def wait_for(distffn, job_id, states, timeout=180):
         time.sleep(1)
 
 
-def test_head_listens_on_loopback_only(head):
-    _, session, _ = head
+def test_head_listens_on_loopback_only(ray_head):
+    _, session, _ = ray_head
     listening = session_listeners({session})
     assert listening, "the head's session should listen somewhere (GCS, job server)"
     assert all(is_loopback(address) for address, _ in listening), listening

@@ -5,63 +5,22 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 import pytest
 
-from helpers import EQUIV_JOB, REPO, final_model, free_port, processes_naming, run_group, write_job
+from helpers import EQUIV_JOB, final_model, processes_naming, run_group, write_job
 
-SCRIPT = os.path.join(REPO, "cluster", "slurm", "local-cluster.sh")
 DIGITS_2 = {"name": "digits2", "data": {"dataset": "digits"}, "model": {"layers": [64, 32, 10]},
             "training": {"epochs": 3, "batch_size": 64}}
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    """A SLURM of this module's own; yields the environment its clients need."""
-    assert shutil.which("slurmctld") and shutil.which("munged"), \
-        "SLURM's daemons are missing: apt-get install -y slurm-wlm munge (.ci/run does)"
-    # munged wants every folder above its socket searchable by all (pytest's are 0700)
-    state = pathlib.Path(tempfile.mkdtemp(prefix="distffn-slurm-", dir="/tmp"))
-    state.chmod(0o755)
-    ctld = free_port()
-    env = {**os.environ, "DISTFFN_SLURMCTLD_PORT": str(ctld), "DISTFFN_SLURMD_PORT": str(free_port()),
-           "DISTFFN_SRUN_PORTS": "18820-18899", "DISTFFN_SLURM_KILLWAIT": "20",
-           "DISTFFN_SLURM_CRED_EXPIRE": "5",
-           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    up = run_group([SCRIPT, "up", str(state)], timeout=90, env=env)
-    assert up.returncode == 0, up.stdout + up.stderr
-    env["SLURM_CONF"] = str(state / "slurm.conf")
-    try:
-        yield env
-    finally:
-        down = run_group([SCRIPT, "down", str(state)], timeout=120, env=env)
-        assert down.returncode == 0, down.stdout + down.stderr
-        status = run_group([SCRIPT, "status", str(state)], timeout=30, env=env)
-        assert "running" not in status.stdout.replace("not running", ""), status.stdout
-        shutil.rmtree(state, ignore_errors=True)
-
-
 @pytest.fixture
-def client(slurm, tmp_path):
-    """Runs `distffn ARGS` as a user of this SLURM, with a $DISTFFN_HOME of its own and a
-    profile whose runs go under tmp_path."""
-    profile = tmp_path / "slurm.yaml"
-    profile.write_text(f"kind: slurm\npartition: debug\nnodes: 1\ntasks_per_node: 2\ntime: '00:10:00'\n"
-                       f"command: {sys.executable} -m distffn\nruns: {tmp_path / 'runs'}\n")
-    user = {**slurm, "DISTFFN_HOME": str(tmp_path / "home")}
-
-    def distffn(*args, timeout=120):
-        return run_group([sys.executable, "-m", "distffn", *map(str, args)], timeout=timeout, env=user)
-    distffn.profile = profile
-    distffn.env = user
-    return distffn
+def client(slurm_client):
+    return slurm_client
 
 
 def status_of(distffn, job_id) -> dict:
