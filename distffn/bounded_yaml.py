@@ -1,6 +1,8 @@
 """YAML from users, read with bounds: a size cap, a nesting-depth cap, and a cap on the size
 the document would have with every alias expanded (a 400-byte "billion laughs" file expands
-to 9^9 elements). Only plain data comes back (``yaml.SafeLoader``: no Python objects)."""
+to 9^9 elements). Only plain data comes back (``yaml.SafeLoader``: no Python objects), and
+every mapping has string keys, each once: PyYAML lets a repeated key silently win
+(``{lr: 0.05, lr: 5.0}`` trains at 5.0) and reads ``on:`` or ``1:`` as a bool or an int."""
 from __future__ import annotations
 
 import os
@@ -44,9 +46,38 @@ class _BoundedLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            _check_keys(node, self)
+        return super().construct_mapping(node, deep=deep)
+
 
 class _Recursive(Exception):
     pass
+
+
+class _BadKey(Exception):
+    """A mapping key that is repeated or not a string: (message, the key's node)."""
+
+
+def _check_keys(node: yaml.MappingNode, constructor) -> None:
+    """Every key of ``node`` a string, none twice (``<<`` merges are YAML's overrides, not
+    repeats: only the mapping's own keys count)."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = constructor.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            kind = {bool: "a boolean", int: "an integer", float: "a number", list: "a list",
+                    dict: "a mapping"}.get(type(key), f"a {type(key).__name__}")
+            written = key_node.value if isinstance(key_node, yaml.ScalarNode) else short(key)
+            quote = f" (quote it: '{written}')" if isinstance(key_node, yaml.ScalarNode) else ""
+            raise _BadKey(f"key {written} is read as {kind}, expected a name{quote}", key_node)
+        if key in seen:
+            raise _BadKey(f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1}); a key "
+                          f"may appear once in a mapping", key_node)
+        seen[key] = key_node
 
 
 def _expanded_size(root) -> int:
@@ -91,6 +122,10 @@ def loads(text: str, source: str):
         raise UserError(f"{source}: the YAML is nested more than {MAX_DEPTH} levels deep") from None
     except _Recursive:
         raise UserError(f"{source}: the YAML contains itself through an alias; expected plain data") from None
+    except _BadKey as e:
+        message, node = e.args
+        mark = node.start_mark
+        raise UserError(f"{source}: line {mark.line + 1}, column {mark.column + 1}: {message}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -148,13 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from .jobspec import load_job
-    from .training.run_lock import HELD_ENV, RunLock
+    from .training.run_folder import check_run_dir
+    from .training.run_lock import HELD_ENV, RunLock, check_not_busy
 
     job = load_job(args.job, args.overrides)
     out = args.out or os.path.join("runs", job.name)
+    # an explicit --resume needs a checkpoint; a restart that distffn's launcher or SLURM's
+    # requeue makes by itself may come before the first one was written
+    args.require_checkpoint = not (os.environ.get(RESTARTED_BY_LAUNCHER)
+                                   or os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"))
     # one run per folder: this process holds the lock, unless distffn's own launcher does
     lock = None
     if os.environ.get(HELD_ENV) != os.path.abspath(out) and launcher_rank() in (None, "0"):
+        check_not_busy(out)
+        check_run_dir(out, args.resume, args.require_checkpoint)     # before anything is created there
         lock = RunLock(out).acquire()
     try:
         return _run(job, out, args, lock)
@@ -167,10 +174,11 @@ def _run(job, out, args, lock) -> int:
     from .parallel.launch import maybe_relaunch_under_mpi
     from .submit.scheduler import RESUME_COMMAND_ENV
     from .training import Trainer
+    from .training.run_folder import check_run_dir
     from .training.run_lock import HELD_ENV
-    from .training.trainer import check_run_dir
 
-    relaunched = maybe_relaunch_under_mpi(job, args.argv, checks=[lambda: check_run_dir(out, args.resume)],
+    relaunched = maybe_relaunch_under_mpi(job, args.argv,
+                                          checks=[lambda: check_run_dir(out, args.resume, args.require_checkpoint)],
                                           env={HELD_ENV: os.path.abspath(out)} if lock else {})
     if relaunched is not None:
         return relaunched
@@ -178,7 +186,8 @@ def _run(job, out, args, lock) -> int:
     # a submitted run is continued by submitting it again; the submitter says how
     resume_command = os.environ.get(RESUME_COMMAND_ENV) or shlex.join(
         ["distffn", "run", args.job, "--out", out, *(x for o in args.overrides for x in ("--set", o)), "--resume"])
-    trainer = Trainer(job, out, resume=args.resume, progress=progress, resume_command=resume_command)
+    trainer = Trainer(job, out, resume=args.resume, progress=progress, resume_command=resume_command,
+                      require_checkpoint=args.require_checkpoint)
     summary = trainer.run()
     if trainer.is_root:
         acc = summary.get("test_accuracy")

@@ -89,6 +89,7 @@ class ScalingConfig:
     kernels: str = "auto"              # auto | numpy | numba: the CPU step's elementwise kernels
     address: Optional[str] = None       # an existing Ray cluster (else RAY_ADDRESS, else a local one)
     timeout_s: float = 300.0            # a step that takes longer names the missing workers
+    connect_timeout_s: float = 60.0     # connecting to a Ray cluster (scaling.address) waits at most this
     oversubscribe: bool = False         # allow more than 4 workers per core on one node
     interface: Optional[str] = None     # network interface for MPI between nodes (Ray allreduce on a cluster)
 
@@ -269,6 +270,7 @@ def validate(job: JobConfig) -> JobConfig:
     kernels.check(s.kernels, s.use_gpu)
     _positive(s.num_workers, "scaling.num_workers")
     _positive(s.timeout_s, "scaling.timeout_s")
+    _positive(s.connect_timeout_s, "scaling.connect_timeout_s")
     if s.num_workers > t.batch_size:
         raise UserError(f"scaling.num_workers: {s.num_workers} workers cannot share a global batch of "
                         f"{t.batch_size} samples (training.batch_size); use at most {t.batch_size}")

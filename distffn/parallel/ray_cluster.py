@@ -7,10 +7,12 @@ Without ``scaling.address`` or ``RAY_ADDRESS`` an embedded Ray instance starts o
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 
 from ..errors import UserError, WorkerFailed
@@ -34,12 +36,13 @@ def _fmt(resources: dict) -> str:
 
 
 def _import_ray(local: bool):
+    """Ray, set up for a Ray of the run's own or one on this machine's loopback (``local``):
+    Ray otherwise rewrites 127.0.0.1 to this host's outward address, where a head started
+    on loopback never answers, and retries for many minutes."""
     # a worker's failure reaches the user once, named, through RayBackend._get; the refs a
     # failed step leaves behind (never fetched) must not add Ray's "Unhandled error" traceback
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     if local:
-        # Ray rewrites 127.0.0.1 to this host's outward address unless told it runs a
-        # single-machine instance; keep the embedded instance on loopback only.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
@@ -50,6 +53,67 @@ def _import_ray(local: bool):
         import ray._private.ray_constants as constants
         constants.ENABLE_RAY_CLUSTER = False    # if ray was imported before the variable was set
     return ray
+
+
+def _host_port(address: str):
+    """(host, port) of a Ray address (``HOST:PORT``, ``[V6]:PORT``, ``ray://HOST:PORT``), or None."""
+    rest = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a Ray address names this machine's loopback (127.0.0.0/8, ::1, localhost)."""
+    hp = _host_port(address)
+    return hp is not None and (hp[0].startswith("127.") or hp[0] in ("::1", "localhost"))
+
+
+class _Without(logging.Filter):
+    """Drops log records whose message contains ``text``."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
+
+
+def connect_to_ray(ray, address: str, timeout_s: float, **init_kwargs):
+    """``ray.init(address=...)`` within ``timeout_s`` (``scaling.connect_timeout_s``), or a
+    :class:`UserError` naming the address and the likely fix. The address is used as given."""
+    where = f"the Ray cluster at {address}"
+    hint = ("is it up (`ray start --head`, or cluster/ray-head.sh up) and reachable from here, and is "
+            "RAY_AUTH_TOKEN set to its token when it requires one?")
+    hp = _host_port(address)
+    if hp is not None:               # nothing listening: say so at once, not after Ray's retries
+        try:
+            socket.create_connection(hp, timeout=min(timeout_s, 10.0)).close()
+        except OSError as e:
+            raise UserError(f"scaling.address: cannot reach {where}: {e.strerror or e}; {hint}") from None
+    outcome: dict = {}
+
+    def init():
+        try:
+            ray.init(address=address, **init_kwargs)
+        except BaseException as e:          # handed to the caller's thread
+            outcome["error"] = e
+    # Ray's own connect retries for many minutes where the address answers but never finishes the
+    # handshake; a daemon thread lets this process give up and exit. (Ray then leaves SIGTERM to
+    # the run, which handles it itself: its warning about that is not news.)
+    quiet = _Without("SIGTERM handler is not set")
+    logging.getLogger("ray._private.worker").addFilter(quiet)
+    thread = threading.Thread(target=init, name="ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    logging.getLogger("ray._private.worker").removeFilter(quiet)
+    if thread.is_alive():
+        raise UserError(f"scaling.address: {where} did not finish connecting within {timeout_s:g} s "
+                        f"(scaling.connect_timeout_s); {hint}")
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 def start_own_ray(ray, num_cpus: int, log_to_driver: bool = True):
@@ -96,7 +160,7 @@ class RayBackend(Backend):
         if address is None:                      # checks that need no engine, before one starts
             check_cores(job)
             get_array_module(job.scaling.use_gpu)
-        ray = self.ray = _import_ray(local=address is None)
+        ray = self.ray = _import_ray(local=address is None or is_loopback(address))
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
             self._init_ray(ray, address)
@@ -120,7 +184,8 @@ class RayBackend(Backend):
                 self.temp_dir, self.watchdog = start_own_ray(ray, max(os.cpu_count() or 1, self.num_workers))
             else:
                 note(f"connecting to the Ray cluster at {address}")
-                ray.init(address=address, logging_level="warning", log_to_driver=True)
+                connect_to_ray(ray, address, self.job.scaling.connect_timeout_s,
+                               logging_level="warning", log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
             self._remove_local()
             why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

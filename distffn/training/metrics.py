@@ -7,33 +7,16 @@ import math
 import os
 import time
 
-from ..errors import StorageFailed
+from ..files import append_line, write_json  # noqa: F401 (write_json: for importers)
 from ..parallel.backend import StepTimes, Totals, placement_of
 from .checkpointer import TrainingDiverged
 from .extension import PRIORITY_CHECK, PRIORITY_OBSERVE, PRIORITY_REPORT, Extension
 from .triggers import AnyTrigger, IntervalTrigger, every_epoch
 
 
-def write_json(path: str, obj) -> None:
-    """``obj`` as JSON at ``path``, atomically (a temp file renamed over it)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise StorageFailed(f"cannot write {path}: {e.strerror or e}") from None
-
-
 def append_record(path: str, record: dict) -> None:
-    """One JSON line appended to ``metrics.jsonl`` at ``path``."""
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        raise StorageFailed(f"cannot write {path}: {e.strerror or e}") from None
+    """One JSON line appended to ``metrics.jsonl`` at ``path`` (never through a link)."""
+    append_line(path, json.dumps(record))
 
 
 def rate(totals: Totals, what: str):

@@ -13,14 +13,14 @@ import numpy as np
 
 from ..data.prepare import prepare_data
 from ..data.sharding import batch_bounds, steps_per_epoch
-from ..errors import Interrupted, StorageFailed, UserError, WorkerFailed
+from ..errors import Interrupted, StorageFailed, WorkerFailed
+from ..files import drop_torn_tail, write_atomic
 from ..kernel_warmup import warm_up
 from ..optim import OPTIMIZERS, learning_rate
 from ..parallel import make_backend
 from ..parallel.backend import Totals
 from ..parallel.launch import RESTARTED_BY_LAUNCHER
 from ..parallel.resources import check_memory, note, workers_on_this_node
-from . import checkpoint as ckpt
 from .checkpointer import Checkpointer, RunState
 from .early_stop import EarlyStop
 from .evaluation import Evaluator
@@ -28,15 +28,7 @@ from .extension import Extension
 from .metrics import DivergenceGuard, MetricsLog, TrainTotals
 from .noise_scale import NoiseScaleLog
 from .progress import ProgressReport
-
-
-def check_run_dir(out_dir: str, resume: bool):
-    """A new run never mixes its files into an old one's folder (read only: every process may
-    check, before any engine starts)."""
-    if not resume and ckpt.list_checkpoints(os.path.join(out_dir, "checkpoints")):
-        raise UserError(f"{out_dir}: already holds a run's checkpoints; pass --resume to "
-                        f"continue it, or --out to start a new run elsewhere")
-
+from .run_folder import JOB_FILE, check_run_dir
 
 DUPLICATE_SIGNAL_S = 2.0    # a signal this soon after the first is the same request, delivered twice
 
@@ -53,8 +45,10 @@ class Trainer:
 
     def __init__(self, job, out_dir: str, resume: bool = False,
                  echo: Callable[[str], None] = print, progress: Optional[bool] = None,
-                 extensions: Optional[list[Extension]] = None, resume_command: Optional[str] = None):
+                 extensions: Optional[list[Extension]] = None, resume_command: Optional[str] = None,
+                 require_checkpoint: bool = True):
         self.job, self.out_dir, self.resume = job, out_dir, resume
+        self.require_checkpoint = require_checkpoint     # see run_folder.check_run_dir
         self.resume_command = resume_command or f"distffn run JOB.yaml --out {out_dir} --resume"
         self.echo, self.progress = echo, progress
         self.ckpt_dir = os.path.join(out_dir, "checkpoints")
@@ -68,13 +62,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- set-up
     def _prepare_dir(self):
-        path = os.path.join(self.out_dir, "job.yaml")
+        """The run folder's job.yaml (this run's spec) and checkpoints/, once the run is accepted;
+        a metrics line that a killed run left unfinished is cut off before the next one."""
         try:
             os.makedirs(self.ckpt_dir, exist_ok=True)
-            with open(path, "w") as f:
-                f.write(self.job.to_yaml())
         except OSError as e:
             raise StorageFailed(f"cannot write the run folder {self.out_dir}: {e.strerror or e}") from None
+        write_atomic(os.path.join(self.out_dir, JOB_FILE), self.job.to_yaml())
+        metrics = os.path.join(self.out_dir, "metrics.jsonl")
+        torn = drop_torn_tail(metrics)
+        if torn:
+            note(f"{metrics}: dropped an unfinished last line ({torn} bytes) that an interrupted run left")
 
     def _extensions(self, data, checkpointer: Checkpointer) -> list[Extension]:
         every = self.log_every
@@ -105,7 +103,7 @@ class Trainer:
         checkpointer = Checkpointer(job, self.ckpt_dir, self.model.layout, buffers)
         # everything that needs no engine is checked before one starts
         check_memory(job, self.model, len(buffers), workers_on_this_node(job))
-        check_run_dir(self.out_dir, self.resume)
+        check_run_dir(self.out_dir, self.resume, self.require_checkpoint)
         failures, limit = 0, job.failure.max_failures
         while True:
             try:
@@ -134,8 +132,9 @@ class Trainer:
         try:
             restored = None
             if self.is_root:
-                self._prepare_dir()
+                # a checkpoint this spec may not continue is refused before anything is written
                 restored = checkpointer.restore() if self.resume else None
+                self._prepare_dir()
             if restored:
                 self.echo(f"resuming from {restored.path} (step {restored.state.step})")
                 theta, optimizer_state, state = restored.theta, restored.optimizer_state, restored.state
