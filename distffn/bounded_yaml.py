@@ -25,6 +25,10 @@ def short(value) -> str:
     return _short.repr(value).replace("\n", " ")
 
 
+class NotYaml(UserError):
+    """The text does not parse as YAML at all (``--set`` then takes it as a plain string)."""
+
+
 class _TooDeep(Exception):
     pass
 
@@ -130,7 +134,7 @@ def loads(text: str, source: str):
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{source}: malformed YAML{where}: {problem}") from None
+        raise NotYaml(f"{source}: malformed YAML{where}: {problem}") from None
     finally:
         loader.dispose()
 

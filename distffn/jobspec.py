@@ -313,7 +313,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {text!r}: expected section.key=value, e.g. training.epochs=5")
     try:
         parsed = bounded_yaml.loads(value, f"--set {key}") if value.strip() else None
-    except UserError:
+    except bounded_yaml.NotYaml:
         parsed = value                  # not YAML: the plain string
     return parts, parsed
 

@@ -227,7 +227,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "." not in key:
             try:
                 raw[key] = bounded_yaml.loads(value, f"--set {key}") if value else None
-            except UserError:
+            except bounded_yaml.NotYaml:
                 raw[key] = value                # not YAML: the plain string
             continue
         (section, sub), value = parse_override(text)
