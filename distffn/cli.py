@@ -19,20 +19,22 @@ from .parallel.mpi_env import MPI_RESULT_ENV, launcher_rank, under_mpi, world
 from .parallel.watchdog import die_with_parent
 
 EPILOG = """\
-examples:
+examples (in this order, from the project folder):
   distffn run jobs/digits-mlp.yaml
-  distffn run jobs/fashion-mnist-mlp.yaml --set training.epochs=5 --out runs/quick
-  distffn run jobs/fashion-mnist-mlp.yaml --set scaling.backend=ray --set scaling.num_workers=4
-  distffn run jobs/fashion-mnist-mlp.yaml --resume
-  distffn eval runs/digits-mlp/checkpoints/step-00000600.npz
+  distffn eval runs/digits-mlp
   distffn plot runs/digits-mlp
-  distffn plot runs/a runs/b --x samples --out cmp.png
-  distffn submit jobs/digits-mlp.yaml --cluster cluster/ray-local.yaml
-  distffn status digits-mlp-3fa9c1
-  distffn logs digits-mlp-3fa9c1 --follow
-  distffn stop digits-mlp-3fa9c1
-  distffn sweep jobs/digits-sweep.yaml --out sweeps/digits
+  distffn run jobs/digits-mlp.yaml --set optimizer.lr=0.005 --out runs/digits-lr0.005
+  distffn plot runs/digits-mlp runs/digits-lr0.005 --x samples --out cmp.png
   distffn noise-scale runs/digits-mlp --batches 100 --json
+  distffn run jobs/fashion-mnist-mlp.yaml --set training.epochs=5 --out runs/quick
+  distffn run jobs/fashion-mnist-mlp.yaml --set scaling.backend=ray --set scaling.num_workers=2
+  distffn submit jobs/fashion-mnist-mlp.yaml --cluster cluster/ray-local.yaml --out runs/fm-ray
+  distffn status fashion-mnist-mlp-3fa9c1
+  distffn logs fashion-mnist-mlp-3fa9c1 --follow
+  distffn stop fashion-mnist-mlp-3fa9c1
+  distffn submit jobs/fashion-mnist-mlp.yaml --cluster cluster/ray-local.yaml --out runs/fm-ray --resume
+  distffn jobs
+  distffn sweep jobs/digits-sweep.yaml --out sweeps/digits
 """
 
 

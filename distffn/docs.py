@@ -1,5 +1,7 @@
 """The README's tables of names (activations, losses, optimizers, ...) rendered from the
 registries, so the documentation cannot list a name the code does not know, or miss one.
+Registries whose names each need one line of description share one table (``names``, grouped
+by the key that takes them); those with more columns have a table of their own.
 
 ``python -m distffn.docs README.md`` rewrites every block between
 ``<!-- registry:KIND -->`` and ``<!-- /registry:KIND -->``; ``--check`` only reports
@@ -34,23 +36,29 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _names(registry, where=None) -> list[list[str]]:
-    return [[f"`{name}`", registry.doc(name)] for name in registry.names(where)]
+# (the key a name is written under, its registry): the rows of the shared ``names`` table
+NAMED = [("`model.activation`", ACTIVATIONS), ("`model.init`", INITIALIZERS), ("`optimizer.schedule`", SCHEDULES),
+         ("`data.dataset`", DATASETS), ("`scaling.kernels`", KERNELS),
+         ("`training.target_metric`, sweep `target.metric`", TARGET_METRICS),
+         ("sweep `lr.rule`", LR_RULES), ("sweep `network`", NETWORKS)]
+
+
+def _grouped(groups) -> list[list[str]]:
+    """One row per name; the key only on its group's first row."""
+    return [[key if i == 0 else "", f"`{name}`", registry.doc(name)]
+            for key, registry in groups for i, name in enumerate(registry.names())]
 
 
 def tables() -> dict[str, str]:
     """Markdown for each registry block the README holds."""
     return {
-        "activations": _table(["`model.activation`", "a = f(z)"], _names(ACTIVATIONS)),
+        "names": _table(["key", "name", "meaning"], _grouped(NAMED)),
         "objectives": _table(["`model.output`", "`model.loss`", "per sample"],
                              [[f"`{cls.output}`", f"`{cls.loss}`", OBJECTIVES.doc(name)]
                               for name, cls in OBJECTIVES.items()]),
-        "initializers": _table(["`model.init`", "W drawn from"], _names(INITIALIZERS)),
         "optimizers": _table(["`optimizer.name`", "update", "state (flat buffers)"],
                              [[f"`{name}`", OPTIMIZERS.doc(name), ", ".join(f"`{b}`" for b in cls.buffers)]
                               for name, cls in OPTIMIZERS.items()]),
-        "schedules": _table(["`optimizer.schedule`", "ε_t"], _names(SCHEDULES)),
-        "datasets": _table(["`data.dataset`", "what"], _names(DATASETS)),
         "backends": _table(["`scaling.backend`", "workers", "`scaling.aggregation`"],
                            [[f"`{name}`", BACKENDS.doc(name), ", ".join(f"`{m}`" for m in modes)]
                             for name, modes in BACKENDS.items()]),
@@ -58,11 +66,6 @@ def tables() -> dict[str, str]:
                            [[f"`{name}`", SCHEDULERS.doc(name), ", ".join(
                                f"`{f.name}` ({_default(f)})" for f in dataclasses.fields(cls.Profile))]
                             for name, cls in SCHEDULERS.items()]),
-        "target-metrics": _table(["`target.metric` / `training.target_metric`", "reached when"],
-                                 _names(TARGET_METRICS)),
-        "lr-rules": _table(["`lr.rule`", "learning rate at batch size B"], _names(LR_RULES)),
-        "networks": _table(["`network`", "α (latency), β (time per byte) and their sources"], _names(NETWORKS)),
-        "kernels": _table(["`scaling.kernels`", "the CPU step's elementwise work"], _names(KERNELS)),
     }
 
 
@@ -81,6 +84,12 @@ def update(text: str) -> str:
                       if m.group(2) in rendered else m.group(0), text)
 
 
+def unknown_kinds(text: str) -> list[str]:
+    """Registry blocks in ``text`` that no table renders (left over from a renamed kind)."""
+    rendered = tables()
+    return [m.group(2) for m in _BLOCK.finditer(text) if m.group(2) not in rendered]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m distffn.docs", description=__doc__.splitlines()[0])
     p.add_argument("path", nargs="?", default="README.md")
@@ -90,6 +99,10 @@ def main(argv=None) -> int:
         text = f.read()
     new = update(text)
     if args.check:
+        if unknown_kinds(text):
+            print(f"{args.path}: no registry renders the block(s) {', '.join(unknown_kinds(text))}; "
+                  f"known: {', '.join(tables())}", file=sys.stderr)
+            return 1
         if new != text:
             print(f"{args.path}: registry tables are out of date; run python -m distffn.docs {args.path}",
                   file=sys.stderr)
