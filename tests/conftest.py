@@ -5,6 +5,7 @@ import glob
 import os
 import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -166,3 +167,41 @@ def slurm_client(slurm_cluster, tmp_path):
     distffn.profile = profile
     distffn.env = user
     return distffn
+
+
+# ---------------------------------------------------------------- test hosts (network namespaces)
+
+TEST_HOSTS = os.path.join(REPO, "cluster", "test-hosts.sh")
+
+
+@pytest.fixture
+def test_hosts(tmp_path_factory):
+    """``make(n)`` brings up n test hosts (`cluster/test-hosts.sh`: network namespaces on a private
+    bridge, 198.18.0.i on eth0) and returns ``[(name, address), ...]``; ``run(i, *cmd, timeout)``
+    runs a command on host i. Everything is removed after the test, also when it fails."""
+    state = tmp_path_factory.mktemp("hosts") / "state"
+    env = {**os.environ, "HOSTS_STATE": str(state)}
+
+    class Hosts:
+        state_dir = state
+
+        def make(self, n: int):
+            up = run_group([TEST_HOSTS, "up", str(n), str(state)], timeout=60, env=env)
+            assert up.returncode == 0, up.stdout + up.stderr
+            rows = (state / "hosts").read_text().split("\n")
+            self.hosts = [tuple(r.split()[1:]) for r in rows if r.strip()]
+            return self.hosts
+
+        def run(self, i: int, *cmd, timeout: float = 60):
+            return run_group([TEST_HOSTS, "run", str(i), *map(str, cmd)], timeout=timeout, env=env)
+
+        def popen(self, i: int, *cmd, **kwargs):
+            return subprocess.Popen([TEST_HOSTS, "run", str(i), *map(str, cmd)], env={**env, **kwargs.pop("env", {})},
+                                    start_new_session=True, **kwargs)
+
+    hosts = Hosts()
+    try:
+        yield hosts
+    finally:
+        down = run_group([TEST_HOSTS, "down", str(state)], timeout=60, env=env)
+        assert down.returncode == 0, down.stdout + down.stderr
