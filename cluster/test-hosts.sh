@@ -2,10 +2,14 @@
 # Test hosts on one machine: N network namespaces joined by a private bridge, each a "host" with
 # its own loopback and one interface (eth0) at 198.18.0.<i>/24 (RFC 2544's benchmarking range,
 # which routes nowhere), so every byte between two of them crosses an interface, as on a cluster.
-# Needs root and iproute2.
+# Each host also has a hostname, System V IPC and a /dev/shm of its own (UTS, IPC and mount
+# namespaces, held by one process per host): processes on two hosts share no memory, so MPI and
+# Ray cannot take them for neighbours on one machine (they would try shared memory and hang).
+# The rest of the filesystem is shared, like a cluster's shared filesystem. Needs root,
+# iproute2 and util-linux (unshare, nsenter).
 #
 #   cluster/test-hosts.sh up N [STATE_DIR]     make hosts 1..N (default STATE_DIR /tmp/distffn-hosts)
-#   cluster/test-hosts.sh run I CMD...  [...]   run CMD on host I (ip netns exec), STATE_DIR from $HOSTS_STATE
+#   cluster/test-hosts.sh run I CMD...           run CMD on host I (nsenter), STATE_DIR from $HOSTS_STATE
 #   cluster/test-hosts.sh down [STATE_DIR]     kill what runs in them (by pid) and remove everything made
 #   cluster/test-hosts.sh status [STATE_DIR]   the hosts, their addresses and process counts
 #
@@ -65,7 +69,18 @@ up() {
         ip -n "$host" addr add "$SUBNET.$i/24" dev "$IFACE"
         ip -n "$host" link set "$IFACE" up
         ip netns exec "$host" sysctl -qw net.ipv4.ip_forward=0
-        echo "$i $host $SUBNET.$i" >>"$state/hosts"
+        # the host's holder: its hostname, IPC and /dev/shm live as long as this process
+        ip netns exec "$host" unshare --uts --ipc --mount --propagation private \
+            sh -c 'hostname "$0" && mount -t tmpfs -o mode=1777,size=50% tmpfs /dev/shm && exec sleep infinity' \
+            "$host" </dev/null >/dev/null 2>&1 &
+        echo "$i $host $SUBNET.$i $!" >>"$state/hosts"
+    done
+    # up when every holder has its hostname (its namespaces are made)
+    for ((i = 0; i < 100; i++)); do
+        awk '{print $2, $4}' "$state/hosts" | while read -r host pid; do
+            [ "$(nsenter --target "$pid" --uts hostname 2>/dev/null)" = "$host" ] || exit 1
+        done && break
+        sleep 0.1
     done
     trap - ERR
     echo "$n test hosts up: $(awk '{s = s (NR > 1 ? ", " : "") $2 "=" $3} END {print s}' "$state/hosts") on $IFACE"
@@ -73,12 +88,12 @@ up() {
 }
 
 run_on() {
-    local i=${1:?usage: $0 run I CMD...} state host
+    local i=${1:?usage: $0 run I CMD...} state pid
     shift
     state=$(state_of "")
-    host=$(awk -v i="$i" '$1 == i {print $2}' "$state/hosts" 2>/dev/null)
-    [ -n "$host" ] || { echo "test-hosts.sh: no host $i in $state" >&2; exit 2; }
-    exec ip netns exec "$host" "$@"
+    pid=$(awk -v i="$i" '$1 == i {print $4}' "$state/hosts" 2>/dev/null)
+    [ -n "$pid" ] || { echo "test-hosts.sh: no host $i in $state" >&2; exit 2; }
+    exec nsenter --target "$pid" --net --uts --ipc --mount --wd="$PWD" "$@"
 }
 
 down() {
@@ -113,8 +128,8 @@ status() {
     local state
     state=$(state_of "${1:-}")
     [ -f "$state/hosts" ] || { echo "no test hosts in $state"; return 0; }
-    while read -r i host addr; do
-        echo "host $i: $host $addr ($(ip netns pids "$host" 2>/dev/null | wc -l) processes)"
+    while read -r i host addr holder; do
+        echo "host $i: $host $addr ($(ip netns pids "$host" 2>/dev/null | grep -vcx "$holder") processes)"
     done <"$state/hosts"
 }
 

@@ -177,7 +177,7 @@ TEST_HOSTS = os.path.join(REPO, "cluster", "test-hosts.sh")
 @pytest.fixture
 def test_hosts(tmp_path_factory):
     """``make(n)`` brings up n test hosts (`cluster/test-hosts.sh`: network namespaces on a private
-    bridge, 198.18.0.i on eth0) and returns ``[(name, address), ...]``; ``run(i, *cmd, timeout)``
+    bridge, 198.18.0.i on eth0, each with its own hostname, IPC and /dev/shm) and returns ``[(name, address), ...]``; ``run(i, *cmd, timeout)``
     runs a command on host i. Everything is removed after the test, also when it fails."""
     state = tmp_path_factory.mktemp("hosts") / "state"
     env = {**os.environ, "HOSTS_STATE": str(state)}
@@ -189,7 +189,7 @@ def test_hosts(tmp_path_factory):
             up = run_group([TEST_HOSTS, "up", str(n), str(state)], timeout=60, env=env)
             assert up.returncode == 0, up.stdout + up.stderr
             rows = (state / "hosts").read_text().split("\n")
-            self.hosts = [tuple(r.split()[1:]) for r in rows if r.strip()]
+            self.hosts = [tuple(r.split()[1:3]) for r in rows if r.strip()]
             return self.hosts
 
         def run(self, i: int, *cmd, timeout: float = 60):

@@ -66,6 +66,15 @@ def test_two_hosts_talk_over_their_interfaces_and_reach_nothing_else(test_hosts)
     assert len(made) == 3 and {h1, h2} < made             # two hosts and their bridge's hub
 
 
+def test_hosts_share_no_memory_and_have_names_of_their_own(test_hosts):
+    (h1, _), (h2, _) = test_hosts.make(2)
+    assert [test_hosts.run(i, "hostname").stdout.strip() for i in (1, 2)] == [h1, h2]
+    assert test_hosts.run(1, "sh", "-c", "echo x > /dev/shm/distffn-probe").returncode == 0
+    assert test_hosts.run(1, "cat", "/dev/shm/distffn-probe").stdout == "x\n"
+    assert test_hosts.run(2, "cat", "/dev/shm/distffn-probe").returncode != 0     # host 2's own /dev/shm
+    assert not os.path.exists("/dev/shm/distffn-probe")                           # nor the machine's
+
+
 def test_down_ends_the_hosts_processes_and_removes_every_namespace(test_hosts):
     before = namespaces()
     test_hosts.make(2)
