@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..data.byte_images import ByteImages
 from ..data.prepare import prepare_data
 from ..errors import UserError
 from ..nn.model import MLP
@@ -103,7 +104,7 @@ def estimate_noise_scale(job, theta, data, batches: int = 50, small: Optional[in
     g2s, trs = np.empty(batches), np.empty(batches)
     for k in range(batches):
         idx = rng.integers(0, n, big)
-        x = data.x_train[idx].astype(np.float64)
+        x = _rows_float64(data.x_train, idx)
         t = data.t_train[idx]
         t = t.astype(np.float64) if t.dtype.kind == "f" else t
         model.loss_and_grad(params, model.layout.views(g_small), x[:small], t[:small])
@@ -123,6 +124,14 @@ def estimate_noise_scale(job, theta, data, batches: int = 50, small: Optional[in
     return {"b_simple": b_simple, "b_simple_se": se_b, "trace_sigma": tr, "trace_sigma_se": se_tr,
             "grad_norm_sq": g2, "grad_norm_sq_se": se_g2, "batches": batches, "b_small": small,
             "b_big": big, "n_train": int(n)}
+
+
+def _rows_float64(x, idx) -> np.ndarray:
+    """Rows ``idx`` of the training inputs in float64: 8-bit images (:class:`ByteImages`) are
+    decoded to their float32 values first, the values every training step sees."""
+    if isinstance(x, ByteImages):
+        return x.take(idx, np.empty((len(idx), x.shape[1]), np.float32)).astype(np.float64)
+    return np.asarray(x[idx], np.float64)
 
 
 def estimate_checkpoint(path: str, job_path: Optional[str] = None, overrides=None, **kwargs) -> dict:

@@ -10,14 +10,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 
 from distffn.cli import main
+from distffn.data.byte_images import ByteImages, dense
+from distffn.data.prepare import prepare_data
 from distffn.jobspec import from_dict
 from distffn.nn.model import MLP
 from distffn.training import Trainer
 from distffn.training.noise_scale import estimate_noise_scale, two_size_estimates
 
-from helpers import MPIEXEC, needs_mpi, run_group, user_error, write_job
+from helpers import MPIEXEC, needs_mpi, run_group, user_error, write_job, write_mnist
 
 LAYERS = [6, 16, 3]
 
@@ -71,6 +74,29 @@ def test_the_checkpoint_estimator_agrees_with_per_example_gradients():
         se = est[f"{key}_se"]
         assert se < 0.15 * truth, (key, est)                   # precise enough to mean something
         assert abs(est[key] - truth) < 4 * se, (key, est[key], truth, se)
+
+
+def test_the_checkpoint_estimator_reads_8_bit_images_as_their_decoded_values(tmp_path, capsys):
+    """IDX images are kept as bytes (ByteImages): the estimate from them is the estimate from
+    the float32 values they decode to, and `distffn noise-scale` runs on such a checkpoint."""
+    write_mnist(tmp_path / "idx", n_train=120, n_test=20, seed=5)
+    job_file = write_job(tmp_path, data={"dataset": "mnist", "path": str(tmp_path / "idx")},
+                         model={"layers": [784, 16, 10]}, training={"epochs": 1, "batch_size": 20})
+    out = tmp_path / "run"
+    assert main(["run", job_file, "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["noise-scale", str(out), "--batches", "4", "--small", "5", "--big", "40", "--json"]) == 0
+    from_cli = json.loads(capsys.readouterr().out)
+    assert from_cli["b_small"] == 5 and from_cli["b_big"] == 40 and from_cli["trace_sigma"] > 0
+
+    job = from_dict(yaml.safe_load(open(job_file)))
+    _, data, model = prepare_data(job)
+    assert isinstance(data.x_train, ByteImages)
+    theta = np.empty(model.num_params, np.float32)
+    model.init_params(theta, seed=1)
+    est = estimate_noise_scale(job, theta, data, batches=4, small=5, big=40, seed=2)
+    dense_data = SimpleNamespace(x_train=dense(data.x_train), t_train=data.t_train)
+    assert est == estimate_noise_scale(job, theta, dense_data, batches=4, small=5, big=40, seed=2)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
