@@ -8,7 +8,7 @@ import os
 from .. import bounded_yaml
 from ..errors import UserError
 from ..jobspec import build_section
-from .scheduler import SCHEDULERS, Scheduler
+from .scheduler import SCHEDULERS, Scheduler, check_text, split_command
 
 
 def load_profile(path: str) -> Scheduler:
@@ -25,5 +25,8 @@ def from_dict(raw: dict, source: str) -> Scheduler:
     cls = SCHEDULERS.get(raw.get("kind"), f"{source}: kind")
     keys = {k: v for k, v in raw.items() if k != "kind"}
     profile = build_section(cls.Profile, keys, source, key=lambda k: f"{source}: {k}")
+    # every kind has these two, and both reach a shell on the cluster
+    split_command(profile.command, f"{source}: command")
+    check_text(profile.runs, f"{source}: runs", "path")
     cls.validate(profile, source)
     return cls(profile, os.path.abspath(source), raw)

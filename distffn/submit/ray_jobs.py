@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -28,15 +29,37 @@ from .scheduler import (
     RUNNING,
     SCHEDULERS,
     STATES,
+    UNKNOWN,
     JobState,
     Scheduler,
+    ended_state,
     resume_command,
     run_command,
 )
 
 TOKEN_ENV, TOKEN_PATH_ENV, TOKEN_FILE = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"
 AGENT_WAIT_S = 60          # for the job agent of a head that has just started
+CONNECT_TIMEOUT_S = 10     # each request to the job server: connecting ...
+# ... and each wait for its answer (`distffn jobs` asks with 5 s for both); an upload of a
+# large working_dir is bounded per chunk, not in all
+READ_TIMEOUT_S = 60
+# the tail of Ray's message for a failed job, whose logs we do not repeat in a status line
+_LOGS_TAIL = re.compile(r",?\s*last available logs \(truncated to [\d,]+ chars\):\s*$")
 RUNTIME_ENV_KEYS = ("working_dir", "pip", "env_vars", "excludes", "py_modules")
+
+try:
+    # what Ray's SDK speaks HTTP with
+    from requests.exceptions import RequestException
+except ImportError:                 # no SDK either: the client property says how to install it
+    RequestException = ConnectionError
+
+
+class _Unreachable(UserError):
+    """No job server answers at the profile's address (in time)."""
+
+
+class _UnknownJob(UserError):
+    """The job server does not know the submission id (the cluster was restarted)."""
 
 
 def _local_folder(working_dir: str, profile_path: str) -> str:
@@ -119,9 +142,51 @@ class RayJobs(Scheduler):
         for key in ("entrypoint_num_cpus", "entrypoint_num_gpus"):
             if (getattr(p, key) or 0) < 0:
                 raise UserError(f"{source}: {key}: expected a non-negative number")
+        pip = env.get("pip")
+        if pip is not None and not (isinstance(pip, str) or _strings(pip) or (
+                isinstance(pip, dict) and _strings(pip.get("packages")) and set(pip) <= {"packages", "pip_check", "pip_version"})):
+            raise UserError(f"{source}: runtime_env.pip: expected a list of packages (strings), the "
+                            f"path of a requirements file, or a mapping with packages: [...], got {pip!r}")
+        for key in ("excludes", "py_modules"):
+            if env.get(key) is not None and not _strings(env[key]):
+                raise UserError(f"{source}: runtime_env.{key}: expected a list of "
+                                f"{'paths or patterns' if key == 'excludes' else 'module folders or URIs'} "
+                                f"(strings), got {env[key]!r}")
+        res = p.entrypoint_resources
+        if res is not None and not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       and v >= 0 for k, v in res.items()):
+            raise UserError(f"{source}: entrypoint_resources: expected a mapping of resource names to "
+                            f"non-negative numbers, got {res!r}")
 
     def where(self) -> str:
         return f"ray at {self.profile.address}"
+
+    def label(self) -> str:
+        return f"ray:{self.profile.address.split('://', 1)[-1].rstrip('/')}"
+
+    def native_name(self, native_id: str) -> str:
+        return f"Ray job {native_id}"
+
+    def data_path(self, path: str) -> tuple[Optional[str], str]:
+        wd = (self.profile.runtime_env or {}).get("working_dir")
+        if wd is None:
+            return super().data_path(path)
+        path = os.path.expanduser(path)
+        if "://" in wd or os.path.isabs(path):
+            return None, ""               # read where the cluster unpacks it, or on its nodes
+        wd = _local_folder(wd, self.source)
+        return (os.path.join(wd, path),
+                f"relative to runtime_env.working_dir {wd}, the folder the cluster receives")
+
+    def _unreachable(self, e: Exception) -> UserError:
+        return _Unreachable(f"{self.source}: address: no Ray job server answers at {self.profile.address} "
+                         f"within {self._timeouts()[0]:g} s ({type(e).__name__}); is the cluster up "
+                         f"(cluster/ray-head.sh up), and is this its dashboard address?")
+
+    def _timeouts(self) -> tuple[float, float]:
+        """(connect, read) seconds for one request; a short ``timeout_s`` bounds both."""
+        t = self.timeout_s
+        return (CONNECT_TIMEOUT_S, READ_TIMEOUT_S) if t >= Scheduler.timeout_s else (min(CONNECT_TIMEOUT_S, t), t)
 
     # ---------------------------------------------------------------- the SDK client
     @functools.cached_property
@@ -142,7 +207,7 @@ class RayJobs(Scheduler):
         address = self.profile.address
         try:
             with _without_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-                client = JobSubmissionClient(address, headers=headers)
+                client = _bounded(JobSubmissionClient, self._timeouts())(address, headers=headers)
             client.list_jobs() if not token else None   # an open server answers without a token
         except AuthenticationError:
             if token:
@@ -152,9 +217,8 @@ class RayJobs(Scheduler):
             raise UserError(f"{TOKEN_ENV}: the job server at {address} requires a token and none is "
                             f"set; export {TOKEN_ENV} (or {TOKEN_PATH_ENV}, or put it in {TOKEN_FILE}); "
                             f"cluster/ray-head.sh prints where its token is") from None
-        except ConnectionError as e:
-            raise UserError(f"{self.source}: address: no Ray job server answers at {address} ({e}); "
-                            f"is the cluster up (cluster/ray-head.sh up)?") from None
+        except (ConnectionError, RequestException) as e:
+            raise self._unreachable(e) from None
         if not token:
             note(f"warning: the job server at {address} accepts jobs without a token: anyone who can "
                  f"reach it can run code there (CVE-2023-48022); start it with RAY_AUTH_MODE=token "
@@ -166,11 +230,13 @@ class RayJobs(Scheduler):
             return fn(*args)
         except RuntimeError as e:        # the SDK's answer to a 4xx/5xx
             raise self._refused(what, e) from None
+        except (ConnectionError, RequestException) as e:
+            raise self._unreachable(e) from None
 
     def _refused(self, what: str, e: RuntimeError) -> UserError:
         text = str(e)
         if "does not exist" in text or "404" in text:
-            return UserError(f"{what}: the cluster at {self.profile.address} does not know this "
+            return _UnknownJob(f"{what}: the cluster at {self.profile.address} does not know this "
                              f"job (was the cluster restarted?)")
         return UserError(f"{what}: the job server at {self.profile.address} refused: "
                          f"{text.splitlines()[0][:300]}")
@@ -222,19 +288,28 @@ class RayJobs(Scheduler):
             time.sleep(1)
 
     def status(self, record) -> JobState:
-        info = self._call(record.id, self.client.get_job_info, record.native_id)
+        try:
+            info = self._call(record.id, self.client.get_job_info, record.native_id)
+        except _UnknownJob:              # a restarted cluster: the run directory tells
+            state, how = ended_state(record.run_dir)
+            return JobState(state, f"the cluster at {self.profile.address} no longer knows Ray job "
+                                   f"{record.native_id} (restarted?); {how}")
+        except _Unreachable:
+            return JobState(UNKNOWN, f"job server unreachable at {self.profile.address}; start the "
+                                     f"cluster (cluster/ray-head.sh up) or fix the profile's address")
         state = getattr(info.status, "value", str(info.status))
-        detail = (info.message or "").strip().splitlines()
         return JobState(state if state in STATES else FAILED, f"Ray job {record.native_id}"
-                        + (f": {detail[0][:200]}" if detail else ""))
+                        + (f": {_message(info.message)}" if _message(info.message) else ""))
 
     def logs(self, record) -> str:
         return self._call(record.id, self.client.get_job_logs, record.native_id)
 
     def follow(self, record) -> Iterator[str]:
         client = self.client
-        while self.status(record).state == PENDING:     # nothing to tail before it runs
+        while (state := self.status(record)).state == PENDING:     # nothing to tail before it runs
             time.sleep(1)
+        if state.state == UNKNOWN:
+            raise UserError(f"{record.id}: cannot follow: {state.detail}")
         loop = asyncio.new_event_loop()
         chunks = client.tail_job_logs(record.native_id)  # its websocket closes when the job ends
         try:
@@ -252,6 +327,35 @@ class RayJobs(Scheduler):
             loop.close()
 
     def stop(self, record) -> None:
-        state = self.status(record).state
-        if state in (PENDING, RUNNING):
+        state = self.status(record)
+        if state.state == UNKNOWN:
+            raise UserError(f"{record.id}: cannot stop: {state.detail}")
+        if state.state in (PENDING, RUNNING):
             self._call(record.id, self.client.stop_job, record.native_id)
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _message(text: Optional[str]) -> str:
+    """Ray's message about a job in one line: for a failed job, its first line without the
+    "last available logs" it announces, and the logs' last line (the error) instead."""
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    first = _LOGS_TAIL.sub("", lines[0])
+    if first != lines[0]:
+        last = lines[-1] if len(lines) > 1 else ""
+        return (f"{first}; its last line: {last[:200]}" if last else f"{first} (it printed nothing)")
+    return first[:200]
+
+
+def _bounded(client_class, timeouts: tuple[float, float]):
+    """``client_class`` whose every request has ``timeouts`` (the SDK sets none, so a server
+    that accepts and never answers would hold the command for ever)."""
+    class Bounded(client_class):
+        def _do_request(self, method, endpoint, **kwargs):
+            kwargs.setdefault("timeout", timeouts)
+            return super()._do_request(method, endpoint, **kwargs)
+    return Bounded

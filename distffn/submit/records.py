@@ -2,18 +2,22 @@
 (default ``~/.distffn``), so ``status``, ``logs`` and ``stop`` need only the id."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import secrets
+import shutil
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ..errors import UserError
-from ..training.metrics import write_json
+from ..files import write_json
 
 HOME_ENV = "DISTFFN_HOME"
+# records and staged files hold the user's paths, commands and environment: theirs alone
+PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -48,12 +52,37 @@ def stage_dir(job_id: str) -> str:
     return os.path.join(jobs_dir(), job_id)
 
 
+def make_private_dir(path: str) -> None:
+    """``path`` (under ``$DISTFFN_HOME/jobs``) created 0700, like ``$DISTFFN_HOME`` when it
+    is new; the jobs folder is made 0700 also when an older distffn created it open to others."""
+    os.makedirs(home(), mode=PRIVATE_DIR, exist_ok=True)
+    os.makedirs(path, mode=PRIVATE_DIR, exist_ok=True)
+    for folder in {jobs_dir(), path}:
+        if os.path.isdir(folder) and os.stat(folder).st_uid == os.getuid():
+            os.chmod(folder, PRIVATE_DIR)
+
+
+def make_stage_dir(job_id: str) -> str:
+    """The job's stage folder, new and private."""
+    folder = stage_dir(job_id)
+    make_private_dir(jobs_dir())
+    os.mkdir(folder, PRIVATE_DIR)
+    return folder
+
+
+def discard(job_id: str) -> None:
+    """What a submission that failed left: its stage folder and its record."""
+    shutil.rmtree(stage_dir(job_id), ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_path(job_id))
+
+
 def new_id(name: str) -> str:
     """``<job name>-<6 hex digits>``, not yet taken here."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:100] or "job"
     while True:
         job_id = f"{base}-{secrets.token_hex(3)}"
-        if not os.path.exists(_path(job_id)):
+        if not os.path.exists(_path(job_id)) and not os.path.exists(stage_dir(job_id)):
             return job_id
 
 
@@ -62,8 +91,8 @@ def _path(job_id: str) -> str:
 
 
 def save(record: JobRecord) -> None:
-    os.makedirs(jobs_dir(), exist_ok=True)
-    write_json(_path(record.id), dataclasses.asdict(record))
+    make_private_dir(jobs_dir())
+    write_json(_path(record.id), dataclasses.asdict(record), PRIVATE_FILE)
 
 
 def load(job_id: str) -> JobRecord:

@@ -10,6 +10,7 @@ its ranks); across nodes ``srun`` starts one rank per task.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -21,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from ..errors import UserError
+from ..files import write_atomic
 from ..jobspec import validate
 from ..parallel.resources import note
-from .records import stage_dir
+from .records import PRIVATE_FILE, stage_dir
 from .scheduler import (
     FAILED,
     FINISHED,
@@ -32,8 +34,11 @@ from .scheduler import (
     SCHEDULERS,
     STOPPED,
     SUCCEEDED,
+    UNKNOWN,
     JobState,
     Scheduler,
+    check_text,
+    ended_state,
     resume_command,
     run_command,
 )
@@ -41,7 +46,8 @@ from .scheduler import (
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "slurm_job.sbatch")
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")       # SLURM's --time forms
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
-COMMAND_TIMEOUT_S = 30
+COMMAND_TIMEOUT_S = 30           # each sbatch, scontrol, sacct, scancel (`distffn jobs`: 5 s)
+DEFAULT_CONF = "/etc/slurm/slurm.conf"
 
 # SLURM's job states in Ray Jobs' words
 _STATES = {
@@ -71,22 +77,87 @@ class SlurmProfile:
     runs: str = "runs"                    # run directories go to RUNS/<job id> unless --out
 
 
-def _run(args: list[str], what: str) -> subprocess.CompletedProcess:
-    """A SLURM client command; a missing one or a hang is named, never a traceback."""
+class Unreachable(UserError):
+    """SLURM's client commands cannot reach a controller (none configured, or it does not
+    answer): nothing is known about the job, which is not the same as SLURM forgetting it."""
+
+    def __init__(self, what: str, detail: str):
+        super().__init__(f"{what}: {detail}")
+        self.detail = detail
+
+
+def controller() -> str:
+    """The controller this machine's SLURM clients ask, from the slurm.conf they read
+    (``$SLURM_CONF``, else ``/etc/slurm/slurm.conf``): ``127.0.0.1:6817``."""
+    conf = os.environ.get("SLURM_CONF") or DEFAULT_CONF
+    try:
+        with open(conf, errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return f"? (no slurm.conf at {conf})"
+    host = re.search(r"^\s*(?:SlurmctldHost|ControlMachine)\s*=\s*([^\s(#]+)(?:\(([^)\s]+)\))?", text,
+                     re.M | re.I)
+    port = re.search(r"^\s*SlurmctldPort\s*=\s*(\d+)", text, re.M | re.I)
+    name = (host.group(2) or host.group(1)) if host else "?"
+    return f"{name}:{port.group(1) if port else 6817}"
+
+
+def _unreachable(what: str, reason: str) -> Unreachable:
+    conf = os.environ.get("SLURM_CONF")
+    if not conf and not os.path.isfile(DEFAULT_CONF):
+        return Unreachable(what, f"no SLURM cluster configured here: SLURM_CONF is unset and there is no "
+                                 f"{DEFAULT_CONF}; export SLURM_CONF=<the cluster's slurm.conf> "
+                                 f"(cluster/slurm/local-cluster.sh up prints it)")
+    if conf and not os.path.isfile(conf):
+        return Unreachable(what, f"SLURM_CONF={conf}: no such file; export SLURM_CONF=<the cluster's "
+                                 f"slurm.conf>")
+    return Unreachable(what, f"controller unreachable at {controller()} ({reason}); start slurmctld "
+                             f"(cluster/slurm/local-cluster.sh up) or set SLURM_CONF to the cluster's "
+                             f"slurm.conf (now {conf or DEFAULT_CONF})")
+
+
+# what SLURM's clients print when they reach no controller, or none is configured
+_NO_CONTROLLER = ("Unable to contact slurm controller", "Could not establish a configuration source",
+                  "Unable to process configuration file", "resolve_ctls_from_dns_srv",
+                  "Munge encode failed", "Zero Bytes were transmitted", "Socket timed out")
+
+
+def _run(args: list[str], what: str, timeout_s: float = COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """A SLURM client command, bounded by ``timeout_s``; a missing one is named, and one that
+    reaches no controller (or hangs) raises :class:`Unreachable`, never a traceback."""
     if shutil.which(args[0]) is None:
         raise UserError(f"{what}: {args[0]} not found on PATH; run distffn where SLURM's client "
                         f"commands are (a login node), or install slurm-client")
     try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL)
+        r = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s,
+                           stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise UserError(f"{what}: {args[0]} did not answer within {COMMAND_TIMEOUT_S} s; is slurmctld "
-                        f"up ({os.environ.get('SLURM_CONF', 'the default slurm.conf')})?") from None
+        raise _unreachable(what, f"{args[0]} did not answer within {timeout_s:g} s") from None
+    if r.returncode != 0:
+        said = next((ln for ln in r.stderr.splitlines() if any(m in ln for m in _NO_CONTROLLER)), None)
+        if said:
+            raise _unreachable(what, f"{args[0]}: {_error_text(said)}")
+    return r
+
+
+def _make_dirs(path: str) -> list[str]:
+    """``path`` and the folders above it that are missing; those it created, deepest first."""
+    created, folder = [], path
+    while not os.path.exists(folder) and folder != os.path.dirname(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(path, exist_ok=True)
+    return created
+
+
+def _error_text(line: str) -> str:
+    """A client's error line without its ``sbatch: error:`` prefix."""
+    return re.sub(r"^(\w+: )?(error|fatal): ", "", line.strip())[:300]
 
 
 def _first_line(text: str) -> str:
     lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    return lines[0][:300] if lines else ""
+    return _error_text(lines[0]) if lines else ""
 
 
 @SCHEDULERS.named("slurm")
@@ -107,12 +178,17 @@ class Slurm(Scheduler):
                             f"01:30:00 or 2-00:00:00, got {p.time!r}")
         if not all(isinstance(line, str) for line in p.setup):
             raise UserError(f"{source}: setup: expected a list of shell lines (strings)")
+        for line in p.setup:            # one shell line each: a newline would hide another
+            check_text(line, f"{source}: setup", "shell line")
         for key in ("partition", "account", "qos"):
             value = getattr(p, key)
             if value is not None and not re.match(r"^[\w.,-]+$", value):
                 raise UserError(f"{source}: {key}: expected a SLURM name, got {value!r}")
-        if p.template is not None and not os.path.isfile(cls._template_path(p, source)):
-            raise UserError(f"{source}: template: {p.template}: no such file")
+        if p.template is not None:
+            # its path is written into the batch script's comment
+            check_text(cls._template_path(p, source), f"{source}: template", "file name")
+            if not os.path.isfile(cls._template_path(p, source)):
+                raise UserError(f"{source}: template: {p.template}: no such file")
 
     @staticmethod
     def _template_path(p: SlurmProfile, source: str) -> str:
@@ -122,6 +198,20 @@ class Slurm(Scheduler):
 
     def where(self) -> str:
         return f"slurm ({self.profile.partition or 'default partition'})"
+
+    def label(self) -> str:
+        return f"slurm:{self.profile.partition}" if self.profile.partition else "slurm"
+
+    def native_name(self, native_id: str) -> str:
+        return f"SLURM job {native_id}"
+
+    def check(self, record, field: str) -> None:
+        # `#SBATCH --output=RUN_DIR/slurm-%j.out` is a file name pattern: SLURM replaces %x
+        # and a backslash turns the replacing off, so the output would land elsewhere
+        bad = next((c for c in record.run_dir if c in "%\\"), None)
+        if bad:
+            raise UserError(f"{field}: {record.run_dir}: SLURM reads {bad!r} in its output file name as "
+                            f"a pattern character; choose a run directory without % or \\")
 
     # ---------------------------------------------------------------- submit
     @property
@@ -155,7 +245,10 @@ class Slurm(Scheduler):
         # run takes SIGUSR1 as a forwarded SIGTERM
         launch = run if p.nodes == 1 else f"srun --kill-on-bad-exit=1 --mpi=pmi2 {run}"
         forward = "TERM" if p.nodes == 1 else "USR1"
-        values = {"job_id": record.id, "template": path, "run_dir": record.run_dir, "nodes": p.nodes,
+        # quoted as a shell word, which sbatch's #SBATCH parser also reads as one argument
+        # (quotes and backslashes as in a shell; an unquoted # would start a comment there)
+        values = {"job_id": record.id, "template": shlex.quote(path), "run_dir": shlex.quote(record.run_dir),
+                  "nodes": p.nodes,
                   "tasks_per_node": p.tasks_per_node, "cpus_per_task": p.cpus_per_task, "time": p.time,
                   "directives": "\n".join(directives), "setup": "\n".join(p.setup), "launch": launch,
                   "resume": "--resume" if record.resume else '""', "forward_signal": forward,
@@ -170,17 +263,22 @@ class Slurm(Scheduler):
 
     def submit(self, record, job) -> str:
         script = os.path.join(stage_dir(record.id), "job.sbatch")
-        with open(script, "w") as f:
-            f.write(self.render(record, job))
-        os.makedirs(record.run_dir, exist_ok=True)        # slurmd writes its output file there
+        write_atomic(script, self.render(record, job), PRIVATE_FILE)
+        created = _make_dirs(record.run_dir)              # slurmd writes its output file there
         record.command = f"sbatch --parsable {shlex.quote(script)}"
-        r = _run(["sbatch", "--parsable", script], "submit")
-        if r.returncode != 0:
-            raise UserError(f"{self.source}: sbatch refused the job: "
-                            f"{_first_line(r.stderr) or _first_line(r.stdout)}")
-        job_id = r.stdout.strip().split(";")[0]
-        if not job_id.isdigit():
-            raise UserError(f"submit: sbatch answered {r.stdout.strip()!r}, not a job id")
+        try:
+            r = _run(["sbatch", "--parsable", script], "submit", self.timeout_s)
+            if r.returncode != 0:
+                raise UserError(f"{self.source}: sbatch refused the job: "
+                                f"{_first_line(r.stderr) or _first_line(r.stdout)}")
+            job_id = r.stdout.strip().split(";")[0]
+            if not job_id.isdigit():
+                raise UserError(f"submit: sbatch answered {r.stdout.strip()!r}, not a job id")
+        except BaseException:
+            for folder in created:        # a refused job leaves no empty run directory behind
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+            raise
         return job_id
 
     # ---------------------------------------------------------------- state
@@ -188,13 +286,13 @@ class Slurm(Scheduler):
         """(SLURM's state word, exit code once it ended) from ``scontrol show job`` (which also
         keeps finished jobs, for ``MinJobAge``), else ``sacct``; (None, "") when no record of the
         job is left."""
-        r = _run(["scontrol", "show", "job", "-o", job_id], "status")
+        r = _run(["scontrol", "show", "job", "-o", job_id], "status", self.timeout_s)
         if r.returncode == 0 and "JobState=" in r.stdout:
             fields = dict(re.findall(r"(\w+)=(\S*)", r.stdout))
             state = fields.get("JobState")
             return state, fields.get("ExitCode", "") if _STATES.get(state) in FINISHED else ""
         if shutil.which("sacct"):
-            r = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode"], "status")
+            r = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode"], "status", self.timeout_s)
             line = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
             if "|" in line:
                 state, code = line.split("|", 1)
@@ -202,13 +300,15 @@ class Slurm(Scheduler):
         return None, ""
 
     def status(self, record) -> JobState:
-        native, code = self._native_state(record.native_id)
+        try:
+            native, code = self._native_state(record.native_id)
+        except Unreachable as e:
+            return JobState(UNKNOWN, e.detail)
         if native is None:
             # SLURM forgot it (MinJobAge passed, no accounting): the run directory tells
-            ok = os.path.isfile(os.path.join(record.run_dir, "summary.json"))
-            return JobState(SUCCEEDED if ok else FAILED,
-                            f"SLURM job {record.native_id} is no longer listed (no accounting); "
-                            f"state read from the run directory")
+            state, how = ended_state(record.run_dir)
+            return JobState(state, f"SLURM job {record.native_id} is no longer listed (no accounting); "
+                                   f"{how}")
         state = _STATES.get(native.rstrip("+"), FAILED)
         return JobState(state, f"SLURM job {record.native_id} {native}"
                         + (f", exit code {code}" if code else ""))
@@ -232,7 +332,8 @@ class Slurm(Scheduler):
     def follow(self, record) -> Iterator[str]:
         offset = 0
         while True:
-            done = self.status(record).state in FINISHED
+            state = self.status(record)
+            done = state.state in FINISHED or state.state == UNKNOWN
             try:
                 with open(self._output(record), errors="replace") as f:
                     f.seek(offset)
@@ -242,12 +343,14 @@ class Slurm(Scheduler):
                 chunk = ""
             if chunk:
                 yield chunk
+            if state.state == UNKNOWN:       # what there is, then say why it ends here
+                raise UserError(f"{record.id}: stopped following: {state.detail}")
             if done:
                 return
             time.sleep(0.5)
 
     def stop(self, record) -> None:
         # plain scancel: SIGTERM to the batch script and every step, SIGKILL after KillWait
-        r = _run(["scancel", record.native_id], "stop")
+        r = _run(["scancel", record.native_id], "stop", self.timeout_s)
         if r.returncode != 0:
             raise UserError(f"{record.id}: scancel {record.native_id}: {_first_line(r.stderr)}")
