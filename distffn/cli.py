@@ -95,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--resume", action="store_true",
                     help="continue the newest checkpoint in --out (a stopped job's run directory)")
 
-    st = sub.add_parser("status", help="a submitted job's state (PENDING RUNNING SUCCEEDED FAILED STOPPED) "
-                                       "and progress",
+    st = sub.add_parser("status", help="a submitted job's state (PENDING RUNNING SUCCEEDED FAILED STOPPED "
+                                       "UNKNOWN) and progress",
                         description="The state word first, then step, epoch and the newest metrics from "
-                                    "the job's run directory.")
+                                    "the job's run directory. UNKNOWN: the cluster's controller or job "
+                                    "server does not answer (the job may still run there).")
     st.add_argument("id", metavar="ID")
     st.add_argument("--json", action="store_true", help="one JSON object instead")
 
@@ -113,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "`distffn submit ... --out RUN_DIR --resume` continues it.")
     sp.add_argument("id", metavar="ID")
 
-    sub.add_parser("jobs", help="the jobs submitted from here, newest first",
-                   description="One line per job submitted from this machine ($DISTFFN_HOME, default "
-                               "~/.distffn): id, cluster kind, submitted, run directory. "
-                               "`distffn status ID` asks the cluster for its state.")
+    jb = sub.add_parser("jobs", help="the jobs submitted from here, newest first",
+                        description="A table of the jobs submitted from this machine ($DISTFFN_HOME, "
+                                    "default ~/.distffn): id, state (each cluster asked, 5 s at most; "
+                                    "UNKNOWN where it does not answer), cluster, submitted, run directory.")
+    jb.add_argument("--json", action="store_true", help="a JSON list instead")
     sw = sub.add_parser("sweep", help="scaling experiment: steps to a target vs batch size and workers",
                         description="Run (or resume) the scaling experiment SWEEP.yaml describes: a "
                                     "convergence trial per batch size × learning rate (× momentum), "
@@ -226,9 +228,11 @@ def cmd_plot(args) -> int:
 
 def cmd_submit(args) -> int:
     from .submit import submit_job
+    from .submit.jobs import scheduler_of
 
     record = submit_job(args.job, args.cluster, args.out, args.overrides, args.resume)
-    print(f"submitted {record.id} to {record.kind} ({record.profile_path}) as {record.native_id}; "
+    native = scheduler_of(record).native_name(record.native_id)
+    print(f"submitted {record.id} to {record.kind} ({record.profile_path}) as {native}; "
           f"run directory {record.run_dir}", file=sys.stderr)
     print(f"  distffn status {record.id}  |  distffn logs {record.id} --follow  |  distffn stop {record.id}",
           file=sys.stderr)
@@ -258,7 +262,7 @@ def _status_lines(s: dict) -> list[str]:
         spe, epochs = s.get("steps_per_epoch"), s.get("epochs")
         total = f"/{spe * epochs}" if spe and epochs else ""
         m = s.get("metrics", {})
-        parts = [f"step {s['step']}{total}", f"epoch {s['epoch']:g}" + (f"/{epochs}" if epochs else "")]
+        parts = [f"step {s['step']}{total}", f"epoch {_epoch(s['epoch'])}" + (f"/{epochs}" if epochs else "")]
         for key, label in (("train_loss", "train loss"), ("test_loss", "test loss")):
             if m.get(key) is not None:
                 parts.append(f"{label} {m[key]:.4f}")
@@ -271,6 +275,16 @@ def _status_lines(s: dict) -> list[str]:
         lines.append("  " + "  ".join(parts))
         lines.append(f"  run directory {s['run_dir']}")
     return lines
+
+
+def _epoch(epoch) -> str:
+    """An epoch as a user counts them: ``2`` at an epoch's end, ``1.97`` within one (cut, not
+    rounded, so it never shows an end before it is reached)."""
+    if epoch is None:
+        return "?"
+    if abs(epoch - round(epoch)) < 1e-9:
+        return f"{round(epoch)}"
+    return f"{int(epoch * 100) / 100:.2f}"
 
 
 def cmd_logs(args) -> int:
@@ -291,10 +305,26 @@ def cmd_stop(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from .submit import list_jobs
+    import json
 
-    for r in list_jobs():
-        print(f"{r.id}  {r.kind:<5}  {r.submitted}  {r.run_dir}")
+    from .submit import list_jobs
+    from .submit.jobs import job_states
+
+    rows = job_states(list_jobs())
+    if not rows and not args.json:
+        from .submit.records import jobs_dir
+        print(f"no jobs submitted from here (records in {jobs_dir()})", file=sys.stderr)
+        return 0
+    if args.json:
+        print(json.dumps([{"id": r.id, "state": state.state, "detail": state.detail, "cluster": label,
+                           "kind": r.kind, "native_id": r.native_id, "submitted": r.submitted,
+                           "run_dir": r.run_dir} for r, state, label in rows], indent=2))
+        return 0
+    table = [("ID", "STATE", "CLUSTER", "SUBMITTED", "RUN DIR")]
+    table += [(r.id, state.state, label, r.submitted, r.run_dir) for r, state, label in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
     return 0
 
 

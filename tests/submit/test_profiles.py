@@ -14,8 +14,10 @@ from helpers import write_job
 
 
 def ray_profile(tmp_path, runtime_env: str):
+    """A Ray profile with ``runtime_env`` lines (indented) or another top-level key (not)."""
     path = tmp_path / "ray.yaml"
-    path.write_text(f"kind: ray\naddress: http://127.0.0.1:1\nruntime_env:\n{runtime_env}")
+    body = f"runtime_env:\n{runtime_env}" if runtime_env.startswith(" ") else runtime_env
+    path.write_text(f"kind: ray\naddress: http://127.0.0.1:1\n{body}")
     return path
 
 
@@ -24,6 +26,14 @@ def ray_profile(tmp_path, runtime_env: str):
     ("  working_dir: 3\n", "runtime_env.working_dir: expected a folder"),
     ("  env_vars: {A: 1}\n", "runtime_env.env_vars: expected a mapping of names to strings"),
     ("  conda: base\n", "runtime_env.conda: not supported here"),
+    ("  pip: 3\n", "runtime_env.pip: expected a list of packages (strings), the path of a requirements file"),
+    ("  pip: [numpy, {x: 1}]\n", "runtime_env.pip: expected a list of packages"),
+    ("  pip: {packages: numpy}\n", "runtime_env.pip: expected a list of packages"),
+    ("  excludes: '*.npz'\n", "runtime_env.excludes: expected a list of paths or patterns (strings)"),
+    ("  py_modules: [1]\n", "runtime_env.py_modules: expected a list of module folders or URIs (strings)"),
+    ("entrypoint_resources: {accel: fast}\n", "entrypoint_resources: expected a mapping of resource names to "
+                                            "non-negative numbers"),
+    ("entrypoint_resources: {accel: -1}\n", "entrypoint_resources: expected a mapping"),
 ])
 def test_a_bad_runtime_env_is_exit_2_naming_the_profile_and_key(tmp_path, runtime_env, expected):
     profile = ray_profile(tmp_path, runtime_env)
@@ -45,3 +55,13 @@ def test_a_working_dir_is_read_relative_to_the_profile(tmp_path):
     elsewhere.mkdir()
     with pytest.raises(UserError, match="runtime_env.working_dir"):      # relative to the profile, not the cwd
         load_profile(str(ray_profile(elsewhere, "  working_dir: project\n")))
+
+
+def test_well_formed_runtime_env_values_are_taken(tmp_path):
+    env = load_profile(str(ray_profile(tmp_path, "  pip: [numpy, 'scipy>=1']\n  excludes: ['*.npz', runs/]\n"
+                                                 "  py_modules: [s3://b/m.zip]\n"))).profile.runtime_env
+    assert env == {"pip": ["numpy", "scipy>=1"], "excludes": ["*.npz", "runs/"], "py_modules": ["s3://b/m.zip"]}
+    for pip in ("  pip: requirements.txt\n", "  pip: {packages: [numpy], pip_check: false}\n"):
+        assert load_profile(str(ray_profile(tmp_path, pip))).profile.runtime_env["pip"]
+    assert load_profile(str(ray_profile(tmp_path, "entrypoint_resources: {accel: 1, slot: 0.5}\n"))
+                        ).profile.entrypoint_resources == {"accel": 1, "slot": 0.5}

@@ -65,8 +65,10 @@ def test_a_two_worker_job_succeeds_and_leaves_its_run_directory(client, tmp_path
     assert logs.returncode == 0 and logs.stdout.count("epoch ") >= 3 and "  1/3  step" in logs.stdout
     follow = client("logs", job_id, "--follow")             # an ended job: all of it, then exit
     assert follow.returncode == 0 and "done:" in follow.stdout
-    jobs = client("jobs")
-    assert jobs.stdout.splitlines()[0].startswith(f"{job_id}  ray")
+    assert f" as Ray job {job_id}; run directory {run_dir}" in r.stderr
+    header, row = client("jobs").stdout.splitlines()
+    assert header.split()[:4] == ["ID", "STATE", "CLUSTER", "SUBMITTED"]
+    assert row.split()[:3] == [job_id, "SUCCEEDED", f"ray:127.0.0.1:{client.env['RAY_DASHBOARD_PORT']}"]
 
 
 def test_stop_checkpoints_and_leaves_no_training_process(client, tmp_path):

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import EQUIV_JOB, final_model, processes_naming, run_group, write_job
+from helpers import EQUIV_JOB, final_model, free_port, processes_naming, run_group, write_job
 
 DIGITS_2 = {"name": "digits2", "data": {"dataset": "digits"}, "model": {"layers": [64, 32, 10]},
             "training": {"epochs": 3, "batch_size": 64}}
@@ -45,11 +45,17 @@ def submit(distffn, job, *args):
 
 
 def test_a_two_worker_job_succeeds_and_leaves_its_run_directory(client, tmp_path):
-    job_id = submit(client, write_job(tmp_path, DIGITS_2))
+    # quotes, a comment sign, a space and a $ in the run directory: one argument all the way
+    out = tmp_path / "run #1 'it\"s' $HOME"
+    r = client("submit", write_job(tmp_path, DIGITS_2), "--cluster", client.profile, "--out", out)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().splitlines()[-1]
     status = wait_for(client, job_id, lambda s: s["state"] in {"SUCCEEDED", "FAILED", "STOPPED"})
     assert status["state"] == "SUCCEEDED", (status, client("logs", job_id).stdout)
+    assert f" as SLURM job {status['native_id']}; run directory {out}" in r.stderr
     assert "COMPLETED" in status["detail"] and "0:0" in status["detail"]
     run_dir = status["run_dir"]
+    assert run_dir == str(out)
     assert status["num_workers"] == 2 and status["epoch"] == 3 and status["metrics"]["test_accuracy"] > 0.5
     assert os.listdir(os.path.join(run_dir, "checkpoints"))
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
@@ -58,7 +64,19 @@ def test_a_two_worker_job_succeeds_and_leaves_its_run_directory(client, tmp_path
     assert logs.count("epoch ") >= 3 and "  1/3  step" in logs and "done:" in logs
     assert os.path.isfile(os.path.join(run_dir, f"slurm-{status['native_id']}.out"))
     assert client("status", job_id).stdout.startswith("SUCCEEDED ")
-    assert client("jobs").stdout.startswith(f"{job_id}  slurm")
+    header, row = client("jobs").stdout.splitlines()
+    assert header.split() == ["ID", "STATE", "CLUSTER", "SUBMITTED", "RUN", "DIR"]
+    assert row.split()[:3] == [job_id, "SUCCEEDED", "slurm:debug"] and row.endswith(f"  {run_dir}")
+    assert header.index("RUN DIR") == row.index(run_dir)              # aligned columns
+    listed = json.loads(client("jobs", "--json").stdout)
+    assert [(j["id"], j["state"], j["run_dir"]) for j in listed] == [(job_id, "SUCCEEDED", run_dir)]
+    # what the submitter keeps of the job is the user's alone
+    home = os.path.join(client.env["DISTFFN_HOME"], "jobs")
+    modes = {os.path.relpath(os.path.join(d, n), home): os.stat(os.path.join(d, n)).st_mode & 0o777
+             for d, dirs, files in os.walk(home) for n in dirs + files}
+    assert modes == {f"{job_id}.json": 0o600, job_id: 0o700, f"{job_id}/job.yaml": 0o600,
+                     f"{job_id}/job.sbatch": 0o600}
+    assert os.stat(home).st_mode & 0o777 == 0o700
 
 
 def test_stop_checkpoints_the_current_step_and_leaves_no_process(client, tmp_path):
@@ -124,3 +142,58 @@ def test_bad_input_exits_2_before_anything_reaches_the_queue(client, tmp_path):
     assert client("jobs").stdout == ""                        # nothing was submitted
     queue = subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=client.env, timeout=30)
     assert queue.stdout.strip() == ""
+
+
+def fake_record(distffn, tmp_path, name, native_id, summary=None):
+    """A record of a SLURM job that SLURM does not list (as after MinJobAge), whose run
+    directory holds ``summary`` (or none)."""
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    if summary is not None:
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    jobs = os.path.join(distffn.env["DISTFFN_HOME"], "jobs")
+    os.makedirs(jobs, exist_ok=True)
+    record = {"id": name, "kind": "slurm", "profile_path": str(distffn.profile),
+              "profile": {"kind": "slurm", "partition": "debug"}, "run_dir": str(run_dir),
+              "job_path": "job.yaml", "submitted": "2026-12-04T00:00:00+00:00", "native_id": native_id}
+    with open(os.path.join(jobs, f"{name}.json"), "w") as f:
+        json.dump(record, f)
+    return name
+
+
+def test_a_job_slurm_no_longer_lists_is_read_from_its_summary(client, tmp_path):
+    forgotten = "999999"                       # no job of this cluster has such an id
+    stopped = fake_record(client, tmp_path, "stopped-1", forgotten, {"step": 30, "stopped": "SIGTERM received"})
+    done = fake_record(client, tmp_path, "done-1", forgotten, {"step": 46, "stopped": None})
+    early = fake_record(client, tmp_path, "early-1", forgotten, {"step": 9, "stopped": "training.max_steps=9 reached"})
+    failed = fake_record(client, tmp_path, "failed-1", forgotten)
+    for job_id, state, why in ((stopped, "STOPPED", "stopped (SIGTERM received)"), (done, "SUCCEEDED", "finished"),
+                               (early, "SUCCEEDED", "finished (training.max_steps=9 reached)"),
+                               (failed, "FAILED", "no summary.json")):
+        status = status_of(client, job_id)
+        assert status["state"] == state and "no longer listed" in status["detail"], status
+        assert why in status["detail"], status
+
+
+def test_a_controller_that_does_not_answer_is_unknown_not_an_ending(client, tmp_path):
+    """status, jobs, stop and logs --follow each end in bounded time and name the controller."""
+    text = open(client.env["SLURM_CONF"]).read()
+    port = free_port()
+    conf = tmp_path / "down.conf"
+    conf.write_text("\n".join([ln for ln in text.splitlines() if not ln.startswith(("SlurmctldPort=", "MessageTimeout="))]
+                              + [f"SlurmctldPort={port}", "MessageTimeout=2"]) + "\n")
+    job_id = fake_record(client, tmp_path, "running-1", "1", None)
+    down = {**client.env, "SLURM_CONF": str(conf)}
+
+    def cli(*args):
+        return run_group([sys.executable, "-m", "distffn", *args], timeout=120, env=down)
+    r = cli("status", job_id)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"UNKNOWN  {job_id}  (controller unreachable at 127.0.0.1:{port} ("), r.stdout
+    assert "start slurmctld" in r.stdout and "SLURM_CONF" in r.stdout
+    header, row = cli("jobs").stdout.splitlines()
+    assert row.split()[:2] == [job_id, "UNKNOWN"]
+    for verb in (("stop", job_id), ("logs", job_id, "--follow")):
+        r = cli(*verb)
+        assert r.returncode == 2 and f"controller unreachable at 127.0.0.1:{port}" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
