@@ -6,6 +6,10 @@ else ``~/.ray/auth_token``) and sent as a bearer header, so it works whatever
 ``RAY_AUTH_MODE`` says on this machine. The job's files reach the cluster as Ray's
 ``runtime_env`` ``working_dir``: the profile's own, or else a folder holding just the resolved
 job spec (then ``data.path`` and the run directory must be on a filesystem the cluster shares).
+
+Every request to the job server is bounded (:data:`CONNECT_TIMEOUT_S`, :data:`READ_TIMEOUT_S`);
+a server that does not answer ends in one line naming the address, and makes a job's state
+``UNKNOWN``.
 """
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ accounting exists), and ``scancel`` to stop.
 
 The run directory, the staged job spec and ``data.path`` must be on a filesystem the nodes
 share (the usual SLURM setup); the batch script's output goes to ``RUN_DIR/slurm-<jobid>.out``.
+Every client command is bounded (:data:`COMMAND_TIMEOUT_S`); one that reaches no controller
+ends in one line naming it (from ``$SLURM_CONF``) and the fix, and makes a job's state
+``UNKNOWN`` (not an ending: a job SLURM no longer lists is read from its run directory).
 On one node the run starts distffn's own ``mpiexec`` (so ``failure.max_failures`` can restart
 its ranks); across nodes ``srun`` starts one rank per task.
 """
@@ -291,6 +294,8 @@ class Slurm(Scheduler):
             fields = dict(re.findall(r"(\w+)=(\S*)", r.stdout))
             state = fields.get("JobState")
             return state, fields.get("ExitCode", "") if _STATES.get(state) in FINISHED else ""
+        if r.returncode != 0 and "Invalid job id" not in r.stderr:    # not "forgotten": unsaid
+            raise Unreachable("status", f"scontrol could not say: {_first_line(r.stderr) or 'no answer'}")
         if shutil.which("sacct"):
             r = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State,ExitCode"], "status", self.timeout_s)
             line = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
@@ -333,7 +338,6 @@ class Slurm(Scheduler):
         offset = 0
         while True:
             state = self.status(record)
-            done = state.state in FINISHED or state.state == UNKNOWN
             try:
                 with open(self._output(record), errors="replace") as f:
                     f.seek(offset)
@@ -345,7 +349,7 @@ class Slurm(Scheduler):
                 yield chunk
             if state.state == UNKNOWN:       # what there is, then say why it ends here
                 raise UserError(f"{record.id}: stopped following: {state.detail}")
-            if done:
+            if state.state in FINISHED:
                 return
             time.sleep(0.5)
 
