@@ -311,10 +311,14 @@ def run_timing(timing: Timing, job_path: str, out: str, threads: int, repeat: in
             raise (UserError if p.returncode == 2 else RunFailed)(f"timed run {timing.id} ({timing.backend}): {last}")
     with open(summary_path) as f:
         s = json.load(f)
-    steps = s["step"]
+    steps, seconds = s["step"], s["train_time_s"]
+    if steps > 1 and s.get("startup_s"):
+        # the first step's one-off start-up (kernels, buffers, actors) is no step time: with
+        # a few timed steps it would dominate the step-time model
+        steps, seconds = steps - 1, seconds - s["startup_s"]
     return {"batch_size": timing.batch_size, "num_workers": timing.num_workers, "backend": timing.backend,
-            "aggregation": _aggregation(run_dir), "steps": steps,
-            "step_seconds": s["train_time_s"] / steps, "ms_per_step": s.get("ms_per_step")}
+            "aggregation": _aggregation(run_dir), "steps": s["step"],
+            "step_seconds": seconds / steps, "ms_per_step": s.get("ms_per_step")}
 
 
 def _aggregation(run_dir: str) -> Optional[str]:

@@ -65,6 +65,15 @@ class DivergenceGuard(Extension):
                                    f"checkpoint in {self.checkpoint_dir} is kept")
 
 
+def throughput(samples: int, seconds: float, startup: tuple) -> float | None:
+    """Samples per second leaving out ``startup`` (seconds, samples: the first step of a
+    backend's life, see ``Trainer._time_startup``), unless that step is all there is."""
+    s0, n0 = startup
+    if samples > n0 and seconds > s0:
+        samples, seconds = samples - n0, seconds - s0
+    return round(samples / seconds, 1) if seconds > 0 else None
+
+
 class MetricsLog(Extension):
     """``metrics.jsonl``: a ``start`` line, an ``eval`` line per evaluation and an ``epoch``
     line per epoch (with the per-step time breakdown); one console line per epoch; and
@@ -147,7 +156,7 @@ class MetricsLog(Extension):
         rec = {"event": "epoch", "epoch": state.epoch, "step": state.step, "lr": trainer.lr,
                "train_loss": rate(train, "loss"), "train_accuracy": rate(train, "acc") if classify else None,
                **self._test_fields(trainer),
-               "samples_per_s": round(samples / seconds, 1) if seconds else None,
+               "samples_per_s": throughput(samples, seconds, trainer.epoch_startup),
                "epoch_time_s": round(seconds, 4),
                "elapsed_s": round(time.perf_counter() - trainer.t_start, 3), **times.as_dict()}
         self.last_epoch = rec
@@ -175,7 +184,9 @@ class MetricsLog(Extension):
             "stopped": trainer.stop_reason,
             "wall_time_s": round(time.perf_counter() - trainer.t_start, 3),
             "train_time_s": round(trainer.train_seconds, 6),
-            "samples_per_s": round(trainer.train_samples / trainer.train_seconds, 1) if trainer.train_seconds else None,
+            "samples_per_s": throughput(trainer.train_samples, trainer.train_seconds,
+                                        (trainer.startup_seconds, trainer.startup_samples)),
+            "startup_s": round(trainer.startup_seconds, 6),
             **self.run_times.as_dict(), "ms_per_step": self.run_times.per_step_ms()}
         trainer.summary = summary
         if trainer.is_root:
@@ -188,7 +199,8 @@ class MetricsLog(Extension):
             acc += f"  test acc {100 * r['test_accuracy']:.2f}%"
         test = "" if r["test_loss"] is None else f"  test loss {r['test_loss']:.4f}"
         return (f"epoch {r['epoch']:>3}/{epochs}  step {r['step']:>7}  lr {r['lr']:.4g}  "
-                f"train loss {r['train_loss']:.4f}{test}{acc}  {r['samples_per_s']:,.0f} samples/s")
+                f"train loss {r['train_loss']:.4f}{test}{acc}"
+                + ("" if r["samples_per_s"] is None else f"  {r['samples_per_s']:,.0f} samples/s"))
 
 
 # ---------------------------------------------------------------- reading a run directory

@@ -202,6 +202,7 @@ class Trainer:
         self.lr = learning_rate(job.optimizer, state.step, self.total_steps)
         self.steps_run = 0
         self.train_seconds, self.train_samples = 0.0, 0
+        self.startup_seconds, self.startup_samples = 0.0, 0
         self._new_epoch()
         self.epoch_ended = False
         self.finished = state.epoch >= epochs
@@ -212,6 +213,8 @@ class Trainer:
             start, stop = batch_bounds(self.n_train, bs, state.batch)
             self.lr = learning_rate(job.optimizer, state.step, self.total_steps)
             backend.train_step(state.epoch, state.batch, stop - start, self.lr)
+            if not self.steps_run:
+                self._time_startup(stop - start)
             state.step += 1
             state.batch += 1
             self.steps_run += 1
@@ -238,6 +241,16 @@ class Trainer:
         self.epoch_totals = Totals()
         self.last_totals = Totals()
         self.epoch_seconds, self.epoch_samples = 0.0, 0
+        self.epoch_startup = (0.0, 0)      # (seconds, samples) of the start-up step in this epoch
+
+    def _time_startup(self, samples: int):
+        """The first step of a backend's life pays one-off costs (every worker and aggregator
+        loading its kernels and allocating its buffers): it is timed apart, still counted in
+        the training time, and left out of the samples/s figures, or a run resumed a few steps
+        before an epoch's end reports a fraction of the real throughput for that epoch."""
+        self.backend.sync()
+        self.startup_seconds, self.startup_samples = time.perf_counter() - self._mark, samples
+        self.epoch_startup = (self.startup_seconds, samples)
 
     def _fire(self):
         """Run the extensions due after this step. Training-time ones (the loss pull) run first;

@@ -14,6 +14,7 @@ import yaml
 
 from distffn.cli import main
 from distffn.plot import plot_comparison
+from distffn.sweep.trials import Timing, run_timing
 
 from helpers import MPIEXEC, run_group
 
@@ -184,3 +185,13 @@ def test_trials_run_side_by_side_as_ray_tasks_with_the_same_results(sweep, tmp_p
         if r["reached"] and theirs[trial]["reached"]:
             assert r["steps_to_target"] == theirs[trial]["steps_to_target"], trial
 
+
+
+def test_a_timed_run_leaves_the_first_steps_start_up_out_of_the_step_time(tmp_path):
+    """The first step of a run pays the backend's start-up (summary.json's startup_s): in a
+    20-step timed run on Ray that was most of its time, so it stays out of step_seconds."""
+    t = Timing(64, 2, "ray", steps=5, epochs=1)
+    run_dir = tmp_path / "timing" / f"{t.id}-r0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"step": 5, "train_time_s": 3.0, "startup_s": 1.0}))
+    assert run_timing(t, "unused.yaml", str(tmp_path), threads=1)["step_seconds"] == 0.5
