@@ -53,9 +53,9 @@ RUNTIME_ENV_KEYS = ("working_dir", "pip", "env_vars", "excludes", "py_modules")
 
 try:
     # what Ray's SDK speaks HTTP with
-    from requests.exceptions import RequestException
+    from requests.exceptions import RequestException, Timeout
 except ImportError:                 # no SDK either: the client property says how to install it
-    RequestException = ConnectionError
+    RequestException = Timeout = ConnectionError
 
 
 class _Unreachable(UserError):
@@ -183,9 +183,12 @@ class RayJobs(Scheduler):
                 f"relative to runtime_env.working_dir {wd}, the folder the cluster receives")
 
     def _unreachable(self, e: Exception) -> UserError:
+        connect, read = self._timeouts()
+        how = (f"no answer within {read:g} s" if isinstance(e, Timeout)
+               else f"cannot connect within {connect:g} s")
         return _Unreachable(f"{self.source}: address: no Ray job server answers at {self.profile.address} "
-                         f"within {self._timeouts()[0]:g} s ({type(e).__name__}); is the cluster up "
-                         f"(cluster/ray-head.sh up), and is this its dashboard address?")
+                            f"({how}); is the cluster up (cluster/ray-head.sh up), and is this its "
+                            f"dashboard address?")
 
     def _timeouts(self) -> tuple[float, float]:
         """(connect, read) seconds for one request; a short ``timeout_s`` bounds both."""

@@ -71,6 +71,22 @@ def test_a_two_worker_job_succeeds_and_leaves_its_run_directory(client, tmp_path
     assert row.split()[:3] == [job_id, "SUCCEEDED", f"ray:127.0.0.1:{client.env['RAY_DASHBOARD_PORT']}"]
 
 
+def test_a_job_that_fails_on_the_cluster_says_why_in_its_status(client, tmp_path):
+    """data.path exists (submit checks that) but is no .npz: the run fails there, and the status
+    line ends with the run's own error, not with Ray's announcement of logs it leaves out."""
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    job = write_job(tmp_path, {**DIGITS_2, "data": {"dataset": "npz", "path": str(bad)}, "model": {"layers": [3, 4, 2]}})
+    r = client("submit", job, "--cluster", client.profile)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().splitlines()[-1]
+    assert wait_for(client, job_id, {"SUCCEEDED", "FAILED"})["state"] == "FAILED"
+    line = client("status", job_id).stdout.splitlines()[0]
+    assert line.startswith(f"FAILED  {job_id}  (Ray job {job_id}: Job entrypoint command failed with exit code 2"), line
+    assert line.endswith(f"its last line: distffn: error: {bad}: not an .npz archive; expected one written by "
+                         f"np.savez with x_train, y_train, x_test, y_test)"), line
+
+
 def test_stop_checkpoints_and_leaves_no_training_process(client, tmp_path):
     job = write_job(tmp_path, {**DIGITS_2, "training": {"epochs": 100000, "batch_size": 64},
                                "scaling": {"backend": "ray", "num_workers": 2},
