@@ -55,11 +55,15 @@ def stage_dir(job_id: str) -> str:
 def make_private_dir(path: str) -> None:
     """``path`` (under ``$DISTFFN_HOME/jobs``) created 0700, like ``$DISTFFN_HOME`` when it
     is new; the jobs folder is made 0700 also when an older distffn created it open to others."""
-    os.makedirs(home(), mode=PRIVATE_DIR, exist_ok=True)
-    os.makedirs(path, mode=PRIVATE_DIR, exist_ok=True)
-    for folder in {jobs_dir(), path}:
-        if os.path.isdir(folder) and os.stat(folder).st_uid == os.getuid():
-            os.chmod(folder, PRIVATE_DIR)
+    try:
+        os.makedirs(home(), mode=PRIVATE_DIR, exist_ok=True)
+        os.makedirs(path, mode=PRIVATE_DIR, exist_ok=True)
+        for folder in {jobs_dir(), path}:
+            if os.stat(folder).st_uid == os.getuid():
+                os.chmod(folder, PRIVATE_DIR)
+    except OSError as e:
+        raise UserError(f"${HOME_ENV}: cannot write {e.filename or path} ({e.strerror or e}); set "
+                        f"{HOME_ENV} to a folder of yours (default ~/.distffn)") from None
 
 
 def make_stage_dir(job_id: str) -> str:
@@ -115,6 +119,9 @@ def all_records() -> list[JobRecord]:
         names = [n[:-5] for n in os.listdir(jobs_dir()) if n.endswith(".json")]
     except FileNotFoundError:
         return []
+    except OSError as e:
+        raise UserError(f"${HOME_ENV}: cannot read {jobs_dir()} ({e.strerror or e}); set {HOME_ENV} "
+                        f"to a folder of yours (default ~/.distffn)") from None
     records = []
     for job_id in names:
         try:

@@ -191,3 +191,10 @@ def test_a_second_submit_to_a_live_jobs_out_is_refused_naming_it(slurm_client, t
     finally:
         stop = run_group([sys.executable, "-m", "distffn", "stop", job_id], timeout=150, env=slurm_client.env)
         assert stop.returncode == 0, stop.stderr
+
+
+def test_a_distffn_home_that_is_not_a_folder_is_named(tmp_path):
+    (tmp_path / "home").write_text("a file, not a folder")
+    r = distffn(tmp_path, "submit", write_job(tmp_path, DIGITS), "--cluster", slurm_profile(tmp_path))
+    refused(r, f"$DISTFFN_HOME: cannot read {tmp_path / 'home' / 'jobs'} (Not a directory); set DISTFFN_HOME")
+    assert (tmp_path / "home").read_text() == "a file, not a folder" and not (tmp_path / "runs").exists()
