@@ -337,8 +337,14 @@ def cmd_sweep(args) -> int:
     progress = False if args.no_progress else sys.stderr.isatty()
     command = shlex.join(["distffn", "sweep", args.sweep, "--out", out,
                           *(x for o in args.overrides for x in ("--set", o))])
-    run_sweep(spec, base, out, command, progress=progress)
-    print(f"sweep folder {out}: results.csv, summary.json, steps_vs_batch.png, time_vs_workers.png, lr_vs_batch.png")
+    summary = run_sweep(spec, base, out, command, progress=progress)
+    figures = [os.path.basename(p) for p in summary.get("plots") or [] if p]
+    print(f"sweep folder {out}: {', '.join(['results.csv', 'summary.json', *figures])}")
+    if summary.get("errors"):
+        # the measurements are kept, but a figure the sweep exists for is missing: exit 1, so
+        # that a script or a batch scheduler does not take the sweep as complete
+        raise RunFailed(f"sweep {out}: the {' and '.join(summary['errors'])} stage failed; the rest is "
+                        f"written (summary.json \"errors\"), and the same command again redoes only what is missing")
     return 0
 
 

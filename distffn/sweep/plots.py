@@ -11,6 +11,7 @@ Matplotlib's object-oriented API with the Agg canvas, as :mod:`distffn.plot`.
 from __future__ import annotations
 
 import os
+from typing import Callable, Optional
 
 import matplotlib
 import numpy as np
@@ -153,8 +154,14 @@ def lr_vs_batch(summary: dict, results: list[dict], path: str) -> str:
     return _save(fig, path)
 
 
-def draw_all(summary: dict, results: list[dict], measured: list[dict], out: str) -> list[str]:
-    """The three figures; returns their paths."""
-    return [steps_vs_batch(summary, results, os.path.join(out, "steps_vs_batch.png")),
-            time_vs_workers(summary, measured, os.path.join(out, "time_vs_workers.png")),
-            lr_vs_batch(summary, results, os.path.join(out, "lr_vs_batch.png"))]
+def draw_all(summary: dict, results: list[dict], measured: list[dict], out: str,
+             guard: Optional[Callable[[str, Callable[[], str]], Optional[str]]] = None) -> list[str]:
+    """The three figures; returns the paths of those drawn. ``guard(name, draw)`` runs each
+    drawing (and may return None for one that failed, so that the others are still drawn)."""
+    guard = guard or (lambda name, draw: draw())
+    figures = {"steps_vs_batch": lambda path: steps_vs_batch(summary, results, path),
+               "time_vs_workers": lambda path: time_vs_workers(summary, measured, path),
+               "lr_vs_batch": lambda path: lr_vs_batch(summary, results, path)}
+    paths = [guard(name, lambda draw=draw, name=name: draw(os.path.join(out, f"{name}.png")))
+             for name, draw in figures.items()]
+    return [p for p in paths if p]

@@ -8,19 +8,27 @@
    (where it reached the target);
 4. analysis: the best trial per batch size, the critical-batch fit, the regimes, the α-β
    projection to 1024 workers; ``results.csv``, ``summary.json`` and three PNG plots.
+
+What was measured is kept whatever happens after: ``results.csv`` is written before the
+analysis, and a stage that fails (a timed run, the noise scale, the fit, the projection, a
+figure) is one line under ``errors`` in ``summary.json`` and on the console (its traceback in
+``errors.log``), while the other stages and the figures still come out.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
+import traceback
 from dataclasses import asdict
 from typing import Callable, Optional
 
 import yaml
 
 from ..data.prepare import prepare_data
-from ..errors import UserError
+from ..errors import RunFailed, UserError
+from ..files import write_atomic
 from ..training.metrics import write_json
 from ..training.noise_scale import estimate_checkpoint
 from ..training.run_lock import RunLock
@@ -28,6 +36,7 @@ from . import fit as fitting
 from . import plots, projection
 from .spec import SweepSpec
 from .trials import (
+    counted,
     plan_timings,
     plan_trials,
     promising_first,
@@ -38,6 +47,7 @@ from .trials import (
 )
 
 NOISE = "noise.json"
+ERRORS_LOG = "errors.log"                # the tracebacks of the stages that failed
 NOISE_SMALL, NOISE_BIG = 256, 4096       # batch pairs for the measured B_simple
 
 
@@ -87,34 +97,70 @@ def _run(spec, base, out, command, echo, progress) -> dict:
     base_raw = base.to_dict()
     trials = promising_first(plan_trials(spec, base, n_train))
     timings = plan_timings(spec, base, n_train)
-    echo(f"sweep {spec.name}: {len(trials)} trials ({len(spec.batch_sizes)} batch sizes × "
-         f"{len(trials) // len(spec.batch_sizes)} settings, ≤ {spec.max_epochs} epochs each, target "
-         f"{spec.target.metric} {spec.target.value:g}), then {len(timings)} timed runs; folder {out}")
+    echo(f"sweep {spec.name}: {counted(len(trials), 'trial')} ({counted(len(spec.batch_sizes), 'batch size')} × "
+         f"{counted(len(trials) // len(spec.batch_sizes), 'setting')}, ≤ {counted(spec.max_epochs, 'epoch')} "
+         f"each, target {spec.target.metric} {spec.target.value:g}), then {counted(len(timings), 'timed run')}; "
+         f"folder {out}")
 
     def interim(done: dict):             # results.csv grows as trials finish
         write_csv(os.path.join(out, "results.csv"), result_rows(list(done.values()), {}, [1]))
     results = run_trials(trials, base_raw, out, job_path, command, spec.concurrency, echo, progress, interim,
                          spec.prune)
 
+    stages = Stages(out, echo)
     step_times = {}
     measured = []
     threads = max(1, (os.cpu_count() or 1) // max(spec.num_workers))
     for t in timings:
-        m = run_timings(t, job_path, out, threads, spec.timing_repeats)
+        m = stages.run("timing", lambda: run_timings(t, job_path, out, threads, spec.timing_repeats),
+                       f"B={t.batch_size} N={t.num_workers}")
+        if m is None:
+            continue
         measured.append(m)
         step_times[(t.batch_size, t.num_workers)] = m["step_seconds"]
-        echo(f"timed B={t.batch_size} N={t.num_workers} ({t.backend}): {1e3 * m['step_seconds']:.3f} ms/step")
+        echo(f"timed B={t.batch_size} N={t.num_workers} ({t.backend}): {1e3 * m['step_seconds']:.3g} ms/step")
     rows = result_rows(list(results.values()), step_times, spec.num_workers)
     write_csv(os.path.join(out, "results.csv"), rows)
 
-    summary = analyse(spec, base, list(results.values()), measured, model.num_params, n_train, out, echo)
+    summary = analyse(spec, base, list(results.values()), measured, model.num_params, n_train, out, echo, stages)
     summary["command"] = command
+    summary["errors"] = stages.errors
     write_json(os.path.join(out, "summary.json"), summary)
-    summary["plots"] = plots.draw_all(summary, list(results.values()), measured, out)
+    summary["plots"] = plots.draw_all(summary, list(results.values()), measured, out,
+                                      lambda name, draw: stages.run("plots", draw, name))
+    summary["errors"] = stages.errors
     write_json(os.path.join(out, "summary.json"), summary)
     for line in closing_lines(summary):
         echo(line)
     return summary
+
+
+class Stages:
+    """Runs the sweep's stages after the trials so that one failing loses nothing else: its
+    error becomes a line of ``errors`` (stage → message) and of the console, its traceback
+    goes to ``errors.log``, and the caller carries on without its result. A
+    :class:`UserError` (a spec that cannot work) still ends the sweep."""
+
+    def __init__(self, out: str, echo):
+        self.out, self.echo = out, echo
+        self.errors: dict[str, str] = {}
+        self._log: list[str] = []
+
+    def run(self, stage: str, fn: Callable, what: str = ""):
+        """``fn()``, or None when it raised (recorded under ``stage``, ``what`` naming the part)."""
+        try:
+            return fn()
+        except UserError:
+            raise
+        except Exception as e:
+            # a RunFailed names what failed; anything else is a bug, named by its type
+            text = str(e) if isinstance(e, RunFailed) and str(e) else f"{type(e).__name__}: {e}"
+            message = " ".join(f"{what + ': ' if what else ''}{text}".split())      # one line
+            self.errors[stage] = f"{self.errors[stage]}; {message}" if stage in self.errors else message
+            self.echo(f"warning: the {stage.replace('_', ' ')} stage failed: {message}")
+            self._log.append(f"{stage}{f' ({what})' if what else ''}:\n{traceback.format_exc()}")
+            write_atomic(os.path.join(self.out, ERRORS_LOG), "\n".join(self._log))
+            return None
 
 
 def best_per_batch(results: list[dict]) -> dict[int, dict]:
@@ -138,32 +184,40 @@ def grid_edges(results: list[dict], best: dict[int, dict]) -> list[int]:
     return edges
 
 
-def measure_noise(spec: SweepSpec, best: dict[int, dict], out: str, echo) -> dict[int, dict]:
-    """B_simple at each batch size's best trial's final checkpoint (kept in its noise.json)."""
+def measure_noise(spec: SweepSpec, best: dict[int, dict], out: str, echo,
+                  stages: Optional["Stages"] = None) -> dict[int, dict]:
+    """B_simple at each batch size's best trial's final checkpoint (kept in its noise.json);
+    with ``stages``, a batch size whose estimate fails is left out and recorded."""
     found = {}
     for b, r in sorted(best.items()):
         run_dir = os.path.join(out, "trials", r["trial"])
         path = os.path.join(run_dir, NOISE)
+
+        def estimate():
+            est = estimate_checkpoint(run_dir, batches=spec.noise_batches, small=NOISE_SMALL, big=NOISE_BIG)
+            write_json(path, est)
+            return est
         try:
             with open(path) as f:
                 est = json.load(f)
         except (OSError, ValueError):
-            est = estimate_checkpoint(run_dir, batches=spec.noise_batches, small=NOISE_SMALL, big=NOISE_BIG)
-            write_json(path, est)
+            est = stages.run("noise_scale", estimate, f"B={b}") if stages else estimate()
+        if est is None:
+            continue
         found[b] = est
         if est["b_simple"] is not None:
-            echo(f"B_simple at B={b}'s target (step {est['step']}): {est['b_simple']:.0f} ± {est['b_simple_se']:.0f}")
+            echo(f"B_simple at B={b}'s target (step {est['step']}): {est['b_simple']:.3g} ± {est['b_simple_se']:.2g}")
     return found
 
 
 def analyse(spec: SweepSpec, base, results: list[dict], measured: list[dict], num_params: int,
-            n_train: int, out: str, echo=print) -> dict:
+            n_train: int, out: str, echo, stages: "Stages") -> dict:
     """summary.json: best trials, the fit, B_noise, the regimes, the step-time model and the
-    projection."""
+    projection; the fit, the noise scale and the projection each fail alone (``stages``)."""
     best = best_per_batch(results)
     best_steps = {b: r["steps_to_target"] for b, r in best.items()}
-    fit = fitting.fit_critical_batch(best_steps)
-    noise = measure_noise(spec, best, out, echo)
+    fit = stages.run("fit", lambda: fitting.fit_critical_batch(best_steps))
+    noise = measure_noise(spec, best, out, echo, stages)
     values = [e["b_simple"] for e in noise.values() if e.get("b_simple") is not None]
     b_noise = statistics.median(values) if values else None
     summary = {
@@ -187,7 +241,8 @@ def analyse(spec: SweepSpec, base, results: list[dict], measured: list[dict], nu
         tol = spec.regime_tolerance
         summary["regimes"] = {**fitting.regime_bounds(fit.b_crit, tol), "tolerance": tol,
                               "by_batch_size": {str(b): fitting.regime_of(b, fit.b_crit, tol) for b in spec.batch_sizes}}
-    summary.update(project(spec, base, best_steps, measured, num_params))
+    summary.update(stages.run("projection", lambda: project(spec, base, best_steps, measured, num_params))
+                   or {"step_model": None, "projection": None})
     return summary
 
 
@@ -226,6 +281,16 @@ def project(spec: SweepSpec, base, best_steps: dict[int, int], measured: list[di
     }
 
 
+def plain(x: float, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant digits in plain notation (0.00123, 4.56, 7,890)."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    if abs(x) >= 10 ** (digits - 1):
+        return f"{x:,.0f}"
+    text = f"{x:.{digits - 1 - math.floor(math.log10(abs(x)))}f}"
+    return text.rstrip("0").rstrip(".")
+
+
 def closing_lines(summary: dict) -> list[str]:
     lines = []
     if summary.get("fit"):
@@ -251,8 +316,13 @@ def closing_lines(summary: dict) -> list[str]:
     if proj:
         fast = proj["fastest_by_network"][proj["network"]]
         if fast:
-            lines.append(f"projection ({proj['network']}): fastest {fast['seconds']:.2f} s to target with "
-                         f"B={fast['batch_size']} on {fast['num_workers']} workers")
+            lines.append(f"projection ({proj['network']}): fastest {plain(fast['seconds'])} s to target with "
+                         f"B={fast['batch_size']} on {counted(fast['num_workers'], 'worker')}")
+    if summary.get("errors"):
+        lines.append(f"incomplete: the {' and '.join(s.replace('_', ' ') for s in summary['errors'])} "
+                     f"stage{'s' if len(summary['errors']) > 1 else ''} failed (summary.json \"errors\", "
+                     f"tracebacks in {ERRORS_LOG}); what was measured is kept, and the same command again "
+                     f"redoes only what is missing")
     return lines
 
 

@@ -192,16 +192,21 @@ def promising_first(trials: list[Trial]) -> list[Trial]:
     return out
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 trial``, ``2 trials``: a count and its noun, plural unless it is one."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def trial_line(r: dict, done: int, total: int) -> str:
     """One line per finished trial."""
     head = f"[{done:>{len(str(total))}}/{total}] B={r['batch_size']} lr={r['lr']:.4g}" + (
         "" if r.get("momentum") is None else f" momentum={r['momentum']:g}")
     if r["reached"]:
         return (f"{head}: {r['target_metric']} {r['metric_at_target']:.4g} at step {r['steps_to_target']} "
-                f"({r['epochs_to_target']:g} epochs)")
+                f"({r['epochs_to_target']:.3g} epochs)")
     why = ("diverged" if r.get("diverged") else
            f"pruned at step {r['steps_run']} (no fewer steps than the best at B={r['batch_size']})"
-           if r.get("pruned") else f"not reached in {r['max_epochs']} epochs")
+           if r.get("pruned") else f"not reached in {counted(r['max_epochs'], 'epoch')}")
     best = "" if r.get("best_metric") is None else f" (best {r['best_metric']:.4g})"
     return f"{head}: {why}{best}"
 

@@ -28,3 +28,17 @@ def test_the_closing_lines_give_the_fit_the_noise_scale_and_their_ratio():
     for needle in ("B_crit 500", "E_min 50000", "B_noise (measured B_simple, median over batch sizes) 400",
                    "B_crit / B_noise = 1.25", "edge of the grid at batch sizes 16", "not reached within 9 epochs"):
         assert needle in text, needle
+
+
+def test_the_projection_line_keeps_significant_digits_and_counts_in_words():
+    proj = {"network": "10gbe", "fastest_by_network": {"10gbe": {"seconds": 0.0012345, "batch_size": 64,
+                                                                  "num_workers": 1}}}
+    text = "\n".join(closing_lines({"projection": proj}))
+    assert "fastest 0.00123 s to target with B=64 on 1 worker" in text, text
+    proj["fastest_by_network"]["10gbe"].update(seconds=1234.5, num_workers=8)
+    assert "fastest 1,234 s to target with B=64 on 8 workers" in "\n".join(closing_lines({"projection": proj}))
+
+
+def test_a_failed_stage_is_named_in_the_closing_lines():
+    text = "\n".join(closing_lines({"errors": {"noise_scale": "B=64: RuntimeError: boom"}}))
+    assert "incomplete: the noise scale stage failed" in text and "errors.log" in text

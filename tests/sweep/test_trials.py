@@ -166,7 +166,7 @@ def test_a_target_not_reached_is_a_result(tmp_path, capsys):
                  "--out", str(out), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "not reached in 1 epochs" in printed and "fit: needs at least 3 batch sizes" in printed
+    assert "not reached in 1 epoch (" in printed and "fit: needs at least 3 batch sizes" in printed
     assert {r["reached"] for r in rows(out)} == {"False"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fit"] is None and summary["not_reached"] == [64, 128]
@@ -195,3 +195,36 @@ def test_a_timed_run_leaves_the_first_steps_start_up_out_of_the_step_time(tmp_pa
     run_dir.mkdir(parents=True)
     (run_dir / "summary.json").write_text(json.dumps({"step": 5, "train_time_s": 3.0, "startup_s": 1.0}))
     assert run_timing(t, "unused.yaml", str(tmp_path), threads=1)["step_seconds"] == 0.5
+
+
+def test_a_failing_analysis_stage_keeps_the_measurements_and_the_figures(tmp_path, capsys, monkeypatch):
+    """The noise scale failing after every trial and timed run: results.csv, summary.json with
+    the error as one line, and the figures are written, and the exit code says it is
+    incomplete; the same command again redoes only the analysis."""
+    sweep = write(tmp_path, batch_sizes=[64, 128], lr=[0.1], max_epochs=1, timing_steps=5, noise_batches=4,
+                  target={"metric": "validation_accuracy", "value": 0.5})
+    out = tmp_path / "out"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+    monkeypatch.setattr("distffn.sweep.runner.estimate_checkpoint", broken)
+    assert main(["sweep", sweep, "--out", str(out), "--no-progress"]) == 1
+    printed, err = capsys.readouterr()
+    assert "2 trials (2 batch sizes × 1 setting, ≤ 1 epoch each" in printed
+    assert "warning: the noise scale stage failed: B=64: RuntimeError: boom second line" in printed
+    assert err.startswith("distffn: error: ") and len(err.strip().splitlines()) == 1 and "noise_scale" in err
+    assert {r["batch_size"] for r in rows(out)} == {"64", "128"} and all(r["step_seconds"] for r in rows(out))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reached"] == 2 and summary["b_noise"] is None and summary["projection"] is not None
+    assert summary["errors"] == {"noise_scale": "B=64: RuntimeError: boom second line; "
+                                                "B=128: RuntimeError: boom second line"}
+    assert "Traceback" in (out / "errors.log").read_text()
+    for name in ("steps_vs_batch.png", "time_vs_workers.png", "lr_vs_batch.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG"), name
+
+    monkeypatch.undo()
+    assert main(["sweep", sweep, "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 of 2 trials already finished; 0 to run" in printed and "timed B=64 N=1" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["errors"] == {} and summary["b_noise"] > 0
