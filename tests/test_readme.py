@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import yaml
@@ -184,6 +185,27 @@ def test_readme_block(workspace, line, text):
     assert r.returncode == 0, f"README.md line {line}: exit {r.returncode}\n{r.stdout[-6000:]}"
     if "distffn stop" in text:         # the job was still running when the walkthrough stopped it
         assert "STOPPED" in r.stdout, r.stdout[-6000:]
+    # pasted in full, a block leaves nothing running (a cluster walkthrough ends with `down`)
+    assert started_by_blocks(env["TMPDIR"], within_s=30) == [], f"README.md line {line} left processes behind"
+
+
+def started_by_blocks(tmpdir: str, within_s: float) -> list[int]:
+    """Live processes whose environment has the blocks' TMPDIR (everything a block starts,
+    daemons included, inherits it), waiting up to ``within_s`` for them to end."""
+    mark = f"TMPDIR={tmpdir}".encode()
+    deadline = time.monotonic() + within_s
+    while True:
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if mark in f.read().split(b"\0") and _alive(int(entry)):
+                        found.append(int(entry))
+            except (OSError, ValueError):
+                continue
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.5)
 
 
 def _check_test_command(text, ws, env):
