@@ -22,8 +22,9 @@ in ``cluster/``, on free ports (``RAY_HEAD_PORT``, ``RAY_DASHBOARD_PORT``, ``RAY
 ``DISTFFN_SLURMCTLD_PORT``, ...) with ``TMPDIR`` pointing into the workspace, so the state
 folders the README exports (``${TMPDIR:-/tmp}/distffn-ray-head``, ``.../distffn-slurm``) are the
 test's own; the copied ``cluster/ray-local.yaml`` names the free job-server port instead of 8265.
-Whatever they started is stopped afterwards by the scripts' ``down`` (by process session and pid
-files) and checked gone. The ```yaml blocks are checked against the code instead: the job spec
+After every block nothing it started may be left running (found by the blocks' ``TMPDIR`` in a
+process's environment); should a walkthrough fail before its ``down`` line, the module's teardown
+runs the scripts' ``down`` (by process session and pid files) and checks their processes gone. The ```yaml blocks are checked against the code instead: the job spec
 block must be ``jobs/fashion-mnist-mlp.yaml`` with every field, the sweep block a valid sweep
 naming every key.
 """
