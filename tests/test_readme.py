@@ -24,9 +24,10 @@ folders the README exports (``${TMPDIR:-/tmp}/distffn-ray-head``, ``.../distffn-
 test's own; the copied ``cluster/ray-local.yaml`` names the free job-server port instead of 8265.
 After every block nothing it started may be left running (found by the blocks' ``TMPDIR`` in a
 process's environment); should a walkthrough fail before its ``down`` line, the module's teardown
-runs the scripts' ``down`` (by process session and pid files) and checks their processes gone. The ```yaml blocks are checked against the code instead: the job spec
-block must be ``jobs/fashion-mnist-mlp.yaml`` with every field, the sweep block a valid sweep
-naming every key.
+runs the scripts' ``down`` (by process session and pid files) and checks their processes gone.
+
+The ```yaml blocks are checked against the code instead: the job spec block must be
+``jobs/fashion-mnist-mlp.yaml`` with every field, the sweep block a valid sweep naming every key.
 """
 from __future__ import annotations
 
