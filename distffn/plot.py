@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 from .data.dataset import IMAGE_SHAPES
 from .errors import UserError
@@ -26,6 +27,35 @@ from .training.metrics import iter_records
 
 DPI = 120
 MAX_UNITS = 100  # weight tiles shown in weights.png
+
+
+def plain_log_axes(ax) -> None:
+    """Label both log axes of ``ax`` with plain numbers (60, 0.05, 1,024) instead of
+    matplotlib's 6×10^1 and 2^10."""
+    for axis in (ax.xaxis, ax.yaxis):
+        if axis.get_scale() == "log":
+            base = axis.get_transform().base
+            axis.set_major_formatter(PlainLogFormatter(base))
+            # under two decades, some minor ticks are labelled too (20, 50, ...)
+            axis.set_minor_formatter(PlainLogFormatter(base, labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+class PlainLogFormatter(LogFormatter):
+    """matplotlib's choice of which log ticks get a label, each written as a plain number."""
+
+    def __call__(self, x, pos=None):
+        return plain_number(x) if super().__call__(x, pos) else ""
+
+
+def plain_number(x: float, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant digits in plain notation, as people write it: 0.00123,
+    0.05, 4.56, 60, 1,024 (never 6×10^1, 1.2e+03 or 0.00)."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    if abs(x) >= 10 ** (digits - 1):
+        return f"{x:,.0f}"
+    text = f"{x:.{digits - 1 - math.floor(math.log10(abs(x)))}f}"
+    return text.rstrip("0").rstrip(".")
 
 
 def _metrics_path(run_dir: str) -> str:
@@ -96,6 +126,7 @@ def plot_curves(epochs: list[dict], title: str, path: str) -> str:
     # log scale shows late-training differences, but only makes sense for positive losses
     if all_losses and min(all_losses) > 0:
         ax.set_yscale("log")
+        plain_log_axes(ax)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.set_title("loss per epoch")
@@ -258,6 +289,7 @@ class RunCurves:
         job = _read_job(run_dir)
         t, o, s = job.get("training") or {}, job.get("optimizer") or {}, job.get("scaling") or {}
         self.batch = t.get("batch_size") or 1
+        self.target = (t.get("target_metric"), t.get("target_value"))      # a sweep trial's aim
         d, m = job.get("data") or {}, job.get("model") or {}
         # the settings a title names: what the runs share
         self.settings = {"data": d.get("dataset"), "model": "-".join(map(str, m.get("layers") or [])) or None,
@@ -266,7 +298,8 @@ class RunCurves:
                          "workers": s.get("num_workers"), "backend": s.get("backend")}
         self.label = (f"{os.path.basename(os.path.normpath(os.path.abspath(run_dir)))}: B={self.batch}, "
                       f"{o.get('name', 'momentum')} lr={o.get('lr')} ({o.get('schedule', 'constant')}), "
-                      f"{s.get('num_workers', 1)} worker(s) {s.get('backend', 'local')}")
+                      f"{s.get('num_workers', 1)} worker{'' if s.get('num_workers', 1) == 1 else 's'} "
+                      f"{s.get('backend', 'local')}")
 
     def x(self, step: int, axis: str) -> float:
         spe = self.start.get("steps_per_epoch") or 1
@@ -299,16 +332,33 @@ def comparison_title(runs: list[RunCurves]) -> str:
     return f"{len(runs)} runs compared{f' ({what})' if what else ''}" + (f"; all with {', '.join(shared)}" if shared else "")
 
 
-def plot_comparison(run_dirs: list[str], path: str, x: str = "step") -> str:
-    """One figure overlaying several runs (or one, on another x-axis): test loss, test accuracy
-    (classification), training loss and the learning rate against ``x`` (epoch, step or
-    samples); each run labelled with its key settings. Returns ``path``."""
-    if x not in X_AXES:
-        raise UserError(f"--x: expected one of {', '.join(X_AXES)}; got {x!r}")
-    runs = [RunCurves(d) for d in run_dirs]
-    has_acc = any(r.series(r.evals or r.epochs, "test_accuracy", x)[0] for r in runs)
-    panels = [("test loss", "test_loss", "evals", 1.0), *([("test accuracy (%)", "test_accuracy", "evals", 100.0)]
-                                                          if has_acc else []),
+# one look per run, so that runs that coincide stay visible: the first is drawn widest and
+# underneath, each later one thinner on top, with its own marker and dash pattern
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def run_style(i: int, n: int) -> dict:
+    """Line style of run ``i`` of ``n`` in a comparison."""
+    wider = min(n - 1 - i, 4)
+    return dict(color=f"C{i % 10}", marker=MARKERS[i % len(MARKERS)], ls=LINESTYLES[i % len(LINESTYLES)],
+                lw=1.2 + 1.1 * wider, ms=3.0 + 2.0 * wider, mfc="none" if i else None, zorder=2 + i)
+
+
+def evaluated_split(runs: list[RunCurves]) -> str:
+    """``validation`` where every run evaluated a validation split (a sweep's trials aim at
+    it), else ``test``."""
+    has_val = all(run.series(run.evals or run.epochs, "validation_loss", "step")[0] for run in runs)
+    return "validation" if has_val else "test"
+
+
+def comparison_figure(runs: list[RunCurves], x: str = "step") -> Figure:
+    """Loss and accuracy (classification) on the validation split if every run has one, else on
+    the test split; the training loss; the learning rate; against ``x``."""
+    split = evaluated_split(runs)
+    has_acc = any(r.series(r.evals or r.epochs, f"{split}_accuracy", x)[0] for r in runs)
+    panels = [(f"{split} loss", f"{split}_loss", "evals", 1.0),
+              *([(f"{split} accuracy (%)", f"{split}_accuracy", "evals", 100.0)] if has_acc else []),
               ("training loss (running, per epoch)", "train_loss", "epochs", 1.0),
               ("learning rate", "lr", "both", 1.0)]
     fig = Figure(figsize=(6.2 * len(panels) / 2 + 1, 8.4) if len(panels) > 2 else (12, 4.8))
@@ -319,10 +369,16 @@ def plot_comparison(run_dirs: list[str], path: str, x: str = "step") -> str:
                 else sorted(run.evals + run.epochs, key=lambda r: r["step"])
             xs, ys = run.series(recs, key, x, scale)
             if xs:
-                ax.plot(xs, ys, marker="o", ms=2.5, lw=1.2, color=f"C{i}", label=run.label)
-        if key in ("test_loss", "train_loss") and all(
+                ax.plot(xs, ys, label=run.label, **run_style(i, len(runs)))
+        target = runs[0].target
+        if target[0] == key and target[1] is not None and all(r.target == target for r in runs):
+            ax.axhline(target[1] * scale, color="0.3", ls=(0, (1, 3)), lw=1, zorder=1)
+            ax.annotate(f"target {target[1]:g}", (1, target[1] * scale), xycoords=("axes fraction", "data"),
+                        xytext=(-4, 3), textcoords="offset points", ha="right", fontsize=8, color="0.3")
+        if key.endswith("_loss") and all(
                 y > 0 for run in runs for y in run.series(run.evals + run.epochs, key, x)[1]):
             ax.set_yscale("log")
+            plain_log_axes(ax)
         ax.set_title(title)
         ax.set_xlabel(X_AXES[x])
         ax.grid(True, alpha=0.4)
@@ -332,5 +388,13 @@ def plot_comparison(run_dirs: list[str], path: str, x: str = "step") -> str:
     fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
     fig.suptitle(comparison_title(runs))
     fig.tight_layout(rect=(0, 0.04 + 0.025 * len(runs), 1, 0.96))
-    _save(fig, path)
+    return fig
+
+
+def plot_comparison(run_dirs: list[str], path: str, x: str = "step") -> str:
+    """One figure overlaying several runs (or one, on another x-axis), each labelled with its
+    key settings (:func:`comparison_figure`), written to ``path``. Returns ``path``."""
+    if x not in X_AXES:
+        raise UserError(f"--x: expected one of {', '.join(X_AXES)}; got {x!r}")
+    _save(comparison_figure([RunCurves(d) for d in run_dirs], x), path)
     return path

@@ -204,7 +204,7 @@ def test_x_axes_count_steps_epochs_and_samples_seen(tmp_path):
     assert [run.x(s, "epoch") for s in (3, 6, 9)] == [0.5, 1.0, 1.5]
     assert [run.x(s, "samples") for s in (2, 6, 9)] == [100, 300, 450]
     assert [r["step"] for r in run.evals] == [2, 4, 6, 8, 10, 12, 14, 16, 18]
-    assert run.label.startswith("a: B=50, momentum lr=0.05 (constant), 1 worker(s) local")
+    assert run.label.startswith("a: B=50, momentum lr=0.05 (constant), 1 worker local")
 
 
 def test_comparing_needs_an_output_and_real_run_folders(tmp_path, capsys):
@@ -228,3 +228,63 @@ def test_the_comparison_title_names_the_data_the_model_and_the_shared_settings(t
     title = comparison_title(runs)
     assert title.startswith("2 runs compared (digits 64-32-10)") and "B=50" in title and "lr=" not in title
     assert comparison_title(runs[:1]) == f"digits 64-32-10: {runs[0].label}"
+
+
+def fake_run(root, validation=True, lr=0.05, target=("validation_loss", 0.3)):
+    """A run folder as a sweep trial leaves it: evaluations with validation and test figures."""
+    root.mkdir(parents=True)
+    job = {"data": {"dataset": "digits"}, "model": {"layers": [64, 16, 10]},
+           "optimizer": {"name": "momentum", "lr": lr},
+           "training": {"batch_size": 50, "target_metric": target[0], "target_value": target[1]}}
+    (root / "job.yaml").write_text(yaml.safe_dump(job))
+    recs = [{"event": "start", "start_step": 0, "steps_per_epoch": 10, "n_train": 500}]
+    for step in range(2, 21, 2):
+        rec = {"event": "eval", "step": step, "lr": lr, "test_loss": 2.0 / step, "test_accuracy": 0.5}
+        if validation:
+            rec.update(validation_loss=3.0 / step, validation_accuracy=0.6)
+        recs.append(rec)
+    recs += [{"event": "epoch", "epoch": e, "step": 10 * e, "lr": lr, "train_loss": 1.0 / e} for e in (1, 2)]
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return str(root)
+
+
+def panels(fig):
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+
+
+def test_identical_runs_stay_visible_with_their_own_marker_and_line(tmp_path):
+    from distffn.plot import RunCurves, comparison_figure
+    runs = [RunCurves(fake_run(tmp_path / name)) for name in ("a", "b", "c")]
+    for title, ax in panels(comparison_figure(runs)).items():
+        lines = [line for line in ax.get_lines() if line.get_label() in {r.label for r in runs}]
+        assert len(lines) == 3, title
+        assert len({(line.get_marker(), line.get_linestyle()) for line in lines}) == 3, title
+        widths = [line.get_linewidth() for line in lines]
+        assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1], title   # the first underneath, widest
+        assert [line.get_zorder() for line in lines] == sorted(line.get_zorder() for line in lines)
+
+
+def test_sweep_trials_are_compared_on_the_validation_metric_they_aimed_at(tmp_path):
+    from distffn.plot import RunCurves, comparison_figure
+    runs = [RunCurves(fake_run(tmp_path / "a")), RunCurves(fake_run(tmp_path / "b", lr=0.1))]
+    shown = panels(comparison_figure(runs))
+    assert {"validation loss", "validation accuracy (%)"} <= set(shown) and "test loss" not in shown
+    curve = next(line for line in shown["validation loss"].get_lines() if line.get_label() == runs[0].label)
+    assert list(curve.get_ydata()) == [3.0 / s for s in range(2, 21, 2)]
+    assert any(list(line.get_ydata()) == [0.3, 0.3] for line in shown["validation loss"].get_lines())  # the target
+    # a run without a validation split: every run is shown on the test split
+    runs.append(RunCurves(fake_run(tmp_path / "c", validation=False)))
+    shown = panels(comparison_figure(runs))
+    assert {"test loss", "test accuracy (%)"} <= set(shown) and "validation loss" not in shown
+
+
+def test_log_axes_of_a_comparison_show_plain_numbers(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from distffn.plot import RunCurves, comparison_figure
+    fig = comparison_figure([RunCurves(fake_run(tmp_path / "a", validation=False))])
+    FigureCanvasAgg(fig).draw()
+    ax = panels(fig)["test loss"]
+    assert ax.get_yscale() == "log"
+    labels = [t.get_text() for minor in (False, True) for t in ax.get_yticklabels(minor=minor) if t.get_text()]
+    assert labels and all(t.replace(".", "").replace(",", "").isdigit() for t in labels), labels

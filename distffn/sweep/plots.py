@@ -3,7 +3,8 @@
 * ``steps_vs_batch.png`` -- log-log: every trial's steps to the target (grey), the best per
   batch size, the fit S = S_min(1 + B_crit/B), the perfect-scaling line, the regimes shaded;
 * ``time_vs_workers.png`` -- seconds to the target against workers: measured here (markers)
-  and the α-β projection to 1024 workers (dashed, labelled "projection");
+  and the α-β projection (dashed, labelled "projection") up to 1024 workers, or to the
+  largest batch size (a worker needs a sample);
 * ``lr_vs_batch.png`` -- the best learning rate per batch size among those tried.
 
 Matplotlib's object-oriented API with the Agg canvas, as :mod:`distffn.plot`.
@@ -17,6 +18,9 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator
+
+from ..plot import plain_log_axes
 
 DPI = 100
 REGIME_COLOURS = {"perfect_scaling": "#d9f0d3", "diminishing_returns": "#fee8c8",
@@ -39,7 +43,8 @@ def _title(summary: dict) -> str:
     return f"{summary['sweep']}: steps to {t['metric']} {t['value']:g} (≤ {summary['max_epochs']} epochs per trial)"
 
 
-def steps_vs_batch(summary: dict, results: list[dict], path: str) -> str:
+def steps_vs_batch(summary: dict, results: list[dict]) -> Figure:
+    """Steps to the target against B: every trial, the best ones, the fit and the regimes."""
     fig = Figure(figsize=(7.5, 5.2), layout="constrained")
     ax = fig.subplots()
     reached = [r for r in results if r["reached"]]
@@ -57,13 +62,13 @@ def steps_vs_batch(summary: dict, results: list[dict], path: str) -> str:
     if fit:
         ax.plot(grid, fit["s_min"] * (1 + fit["b_crit"] / grid), "-", color="tab:red",
                 label=f"fit S = S_min(1 + B_crit/B): S_min {fit['s_min']:.0f}, B_crit {fit['b_crit']:.0f}")
-        ax.axvline(fit["b_crit"], color="tab:red", ls=":", lw=1)
+        ax.axvline(fit["b_crit"], color="tab:red", ls=":", lw=1, label=f"B_crit {fit['b_crit']:.0f} (fitted)")
         lo, hi = grid[0], grid[-1]
         for name, (a, b) in ((k, v) for k, v in summary["regimes"].items() if k in REGIME_COLOURS):
             a, b = max(a or lo, lo), min(b or hi, hi)
             if a < b:
                 ax.axvspan(a, b, color=REGIME_COLOURS[name], zorder=0,
-                           label=name.replace("_", " "))
+                           label=f"regime: {name.replace('_', ' ')}")
     if len(bs):
         ax.plot(grid, steps[0] * bs[0] / grid, "--", color="0.3", lw=1, label="perfect scaling (steps ∝ 1/B)")
     if summary.get("b_noise"):
@@ -78,11 +83,13 @@ def steps_vs_batch(summary: dict, results: list[dict], path: str) -> str:
     ax.set_ylabel("steps to target")
     ax.set_title(_title(summary), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    plain_log_axes(ax)
     _legend(ax, fontsize=7, loc="lower left")
-    return _save(fig, path)
+    return fig
 
 
-def time_vs_workers(summary: dict, measured: list[dict], path: str) -> str:
+def time_vs_workers(summary: dict) -> Figure:
+    """Seconds to the target against N: measured here and projected (α-β model)."""
     fig = Figure(figsize=(7.5, 5.2), layout="constrained")
     ax = fig.subplots()
     proj = summary.get("projection") or {}
@@ -111,20 +118,31 @@ def time_vs_workers(summary: dict, measured: list[dict], path: str) -> str:
                 label="projection: fastest over B")
         ax.plot([], [], "--", color="0.4", label=f"projection ({proj['network']}, {proj['aggregation']})")
         ax.plot([], [], "o", color="0.4", label="measured here")
+    # the axis spans what is drawn: the projection stops at 1024 workers or at the batch size
+    most = max([int(n) for row in table.values() for n in row] + [int(n) for row in measured_s.values() for n in row]
+               + [2])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.set_xlim(1 / 1.3, most * 1.3)
+    ax.xaxis.set_major_locator(LogLocator(base=2, numticks=16))       # every power of two
     ax.set_xlabel("workers N")
     ax.set_ylabel("seconds to target (steps × step time)")
-    ax.set_title(f"{summary['sweep']}: measured, and the α-β projection to 1024 workers ({proj.get('network', '')})",
-                 fontsize=10)
+    shown = (f"the α-β projection ({proj['network']}) to {most:,} workers"
+             + ("" if most >= 1024 else "\n(N ≤ B: a worker needs a sample; the largest B bounds N)")
+             ) if batches else "no projection"
+    ax.set_title(f"{summary['sweep']}: measured, and {shown}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    plain_log_axes(ax)
     _legend(ax, fontsize=7, ncol=2)
     if not batches:
-        ax.text(0.5, 0.5, "no batch size reached the target", ha="center", transform=ax.transAxes)
-    return _save(fig, path)
+        why = ("no batch size reached the target" if not summary.get("best") else
+               "no step times to project from (summary.json: errors)")
+        ax.text(0.5, 0.5, why, ha="center", transform=ax.transAxes)
+    return fig
 
 
-def lr_vs_batch(summary: dict, results: list[dict], path: str) -> str:
+def lr_vs_batch(summary: dict, results: list[dict]) -> Figure:
+    """The learning rates tried per batch size, by outcome, and the best one."""
     fig = Figure(figsize=(7.5, 5.2), layout="constrained")
     ax = fig.subplots()
     kinds = (("reached", dict(marker="o", color="0.6", label="tried: reached the target")),
@@ -150,18 +168,19 @@ def lr_vs_batch(summary: dict, results: list[dict], path: str) -> str:
     ax.set_ylabel("learning rate")
     ax.set_title(f"{summary['sweep']}: the learning rate tuned per batch size", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    plain_log_axes(ax)
     _legend(ax, fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def draw_all(summary: dict, results: list[dict], measured: list[dict], out: str,
+def draw_all(summary: dict, results: list[dict], out: str,
              guard: Optional[Callable[[str, Callable[[], str]], Optional[str]]] = None) -> list[str]:
     """The three figures; returns the paths of those drawn. ``guard(name, draw)`` runs each
     drawing (and may return None for one that failed, so that the others are still drawn)."""
     guard = guard or (lambda name, draw: draw())
-    figures = {"steps_vs_batch": lambda path: steps_vs_batch(summary, results, path),
-               "time_vs_workers": lambda path: time_vs_workers(summary, measured, path),
-               "lr_vs_batch": lambda path: lr_vs_batch(summary, results, path)}
-    paths = [guard(name, lambda draw=draw, name=name: draw(os.path.join(out, f"{name}.png")))
-             for name, draw in figures.items()]
+    figures = {"steps_vs_batch": lambda: steps_vs_batch(summary, results),
+               "time_vs_workers": lambda: time_vs_workers(summary),
+               "lr_vs_batch": lambda: lr_vs_batch(summary, results)}
+    paths = [guard(name, lambda make=make, name=name: _save(make(), os.path.join(out, f"{name}.png")))
+             for name, make in figures.items()]
     return [p for p in paths if p]

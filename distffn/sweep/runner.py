@@ -17,7 +17,6 @@ figure) is one line under ``errors`` in ``summary.json`` and on the console (its
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import traceback
@@ -29,6 +28,7 @@ import yaml
 from ..data.prepare import prepare_data
 from ..errors import RunFailed, UserError
 from ..files import write_atomic
+from ..plot import plain_number as plain
 from ..training.metrics import write_json
 from ..training.noise_scale import estimate_checkpoint
 from ..training.run_lock import RunLock
@@ -126,7 +126,7 @@ def _run(spec, base, out, command, echo, progress) -> dict:
     summary["command"] = command
     summary["errors"] = stages.errors
     write_json(os.path.join(out, "summary.json"), summary)
-    summary["plots"] = plots.draw_all(summary, list(results.values()), measured, out,
+    summary["plots"] = plots.draw_all(summary, list(results.values()), out,
                                       lambda name, draw: stages.run("plots", draw, name))
     summary["errors"] = stages.errors
     write_json(os.path.join(out, "summary.json"), summary)
@@ -206,7 +206,8 @@ def measure_noise(spec: SweepSpec, best: dict[int, dict], out: str, echo,
             continue
         found[b] = est
         if est["b_simple"] is not None:
-            echo(f"B_simple at B={b}'s target (step {est['step']}): {est['b_simple']:.3g} ± {est['b_simple_se']:.2g}")
+            echo(f"B_simple at B={b}'s target (step {est['step']}): {plain(est['b_simple'])} ± "
+                 f"{plain(est['b_simple_se'], 2)}")
     return found
 
 
@@ -279,16 +280,6 @@ def project(spec: SweepSpec, base, best_steps: dict[int, int], measured: list[di
                                              for b, row in chosen["table"].items()},
                        "fastest_by_network": {name: v["fastest"] for name, v in by_net.items()}},
     }
-
-
-def plain(x: float, digits: int = 3) -> str:
-    """``x`` to ``digits`` significant digits in plain notation (0.00123, 4.56, 7,890)."""
-    if x == 0 or not math.isfinite(x):
-        return f"{x:g}"
-    if abs(x) >= 10 ** (digits - 1):
-        return f"{x:,.0f}"
-    text = f"{x:.{digits - 1 - math.floor(math.log10(abs(x)))}f}"
-    return text.rstrip("0").rstrip(".")
 
 
 def closing_lines(summary: dict) -> list[str]:
