@@ -14,7 +14,7 @@ from ..errors import UserError
 from ..files import write_atomic
 from ..jobspec import load_job
 from ..training.metrics import read_progress
-from ..training.trainer import check_run_dir
+from ..training.run_folder import check_run_dir
 from . import records
 from .profile import from_dict, load_profile
 from .records import JobRecord
@@ -41,7 +41,8 @@ def submit_job(job_path: str, cluster: str, out: Optional[str] = None,
     # like `distffn run`'s runs/<name>: relative to where the command is given
     run_dir = os.path.abspath(os.path.expanduser(out or os.path.join(scheduler.profile.runs, job_id)))
     field = "--out" if out else f"{cluster}: runs"
-    check_run_dir(run_dir, resume)
+    # a Ray cluster may see a run folder this machine does not (no shared filesystem)
+    check_run_dir(run_dir, resume, elsewhere_ok=scheduler.name == "ray")
     record = JobRecord(id=job_id, kind=scheduler.name, profile_path=scheduler.source,
                        profile=scheduler.raw, run_dir=run_dir, job_path=os.path.abspath(job_path),
                        submitted=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -40,7 +40,7 @@ GPU_JOB = {"name": "gpu", "data": {"dataset": "digits"},
 def run_gpu_job(tmp_path, use_gpu):
     job = from_dict(dict(GPU_JOB, scaling={"use_gpu": use_gpu}))
     return Trainer(job, str(tmp_path / ("gpu" if use_gpu else "cpu")), progress=False,
-                   echo=lambda s: None).run_gpu_job()
+                   echo=lambda s: None).run()
 
 
 @pytest.mark.parametrize("optimizer", [{"name": "momentum"}, {"name": "nesterov"},
