@@ -243,6 +243,13 @@ class Trainer:
         self.epoch_seconds, self.epoch_samples = 0.0, 0
         self.epoch_startup = (0.0, 0)      # (seconds, samples) of the start-up step in this epoch
 
+    def samples_seen(self) -> int:
+        """Training samples stepped through up to ``state.step``, before a resume included
+        (``train_samples`` and ``epoch_samples`` count this life's only: they time throughput)."""
+        bs, state = self.job.training.batch_size, self.state
+        per_epoch = batch_bounds(self.n_train, bs, self.steps_per_epoch - 1)[1]
+        return state.epoch * per_epoch + batch_bounds(self.n_train, bs, state.batch)[0]
+
     def _time_startup(self, samples: int):
         """The first step of a backend's life pays one-off costs (every worker and aggregator
         loading its kernels and allocating its buffers): it is timed apart, still counted in

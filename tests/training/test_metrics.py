@@ -8,7 +8,7 @@ import numpy as np
 import yaml
 
 from distffn.jobspec import from_dict
-from distffn.training import Trainer
+from distffn.training import Extension, Trainer
 from distffn.training import checkpoint as ckpt
 from distffn.training import trainer as trainer_module
 from distffn.training.metrics import iter_records
@@ -67,3 +67,30 @@ def test_samples_per_s_leaves_out_the_start_up_of_a_resumed_partial_epoch(tmp_pa
         assert [r["samples_per_s"] for r in epochs] == [10.0, 10.0], run      # 10 samples a second
     assert summary["samples_per_s"] == 10.0 and summary["startup_s"] == 101.0
     assert summary["train_time_s"] == 100.0 + 3 + spe                   # the start-up is training time
+
+
+class SamplesSeen(Extension):
+    """Records ``trainer.samples_seen()`` after every step."""
+    training_time = True
+
+    def __init__(self):
+        self.trigger = lambda trainer: True
+        self.seen = {}
+
+    def __call__(self, trainer):
+        self.seen[trainer.state.step] = trainer.samples_seen()
+
+
+def test_samples_seen_counts_the_steps_before_a_resume(tmp_path):
+    """What a target reached after a resume was reached at (EarlyStop's samples): the samples
+    of every step, not only this life's."""
+    job = from_dict(yaml.safe_load(open(write_job(
+        tmp_path, training={"epochs": 2, "batch_size": 100}, checkpoint={"every_steps": 5, "num_to_keep": 100}))))
+    quiet = dict(progress=False, echo=lambda s: None)
+    full, cut = SamplesSeen(), SamplesSeen()
+    Trainer(job, str(tmp_path / "full"), extensions=[full], **quiet).run()
+    interrupted_copy(tmp_path / "full", tmp_path / "cut", 20)
+    Trainer(job, str(tmp_path / "cut"), resume=True, extensions=[cut], **quiet).run()
+    n = 1438                        # 15 steps an epoch, the last of 38 samples
+    assert full.seen[14] == 1400 and full.seen[15] == n and full.seen[21] == n + 600 and full.seen[30] == 2 * n
+    assert cut.seen == {s: v for s, v in full.seen.items() if s > 20}
