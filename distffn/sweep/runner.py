@@ -205,10 +205,20 @@ def measure_noise(spec: SweepSpec, best: dict[int, dict], out: str, echo,
         if est is None:
             continue
         found[b] = est
-        if est["b_simple"] is not None:
+        if est["b_simple"] is not None and est["b_simple"] > 0:
             echo(f"B_simple at B={b}'s target (step {est['step']}): {plain(est['b_simple'])} ± "
                  f"{plain(est['b_simple_se'], 2)}")
+        else:
+            echo(f"B_simple at B={b}'s target (step {est['step']}): not positive, lost in the noise "
+                 f"(more noise_batches); left out of B_noise")
     return found
+
+
+def median_b_simple(noise: dict[int, dict]) -> Optional[float]:
+    """B_noise: the median over batch sizes of the positive B_simple estimates (a negative one,
+    tr(Σ) < 0 from too few batch pairs, says nothing about the scale); None without one."""
+    values = [e["b_simple"] for e in noise.values() if (e.get("b_simple") or 0) > 0]
+    return statistics.median(values) if values else None
 
 
 def analyse(spec: SweepSpec, base, results: list[dict], measured: list[dict], num_params: int,
@@ -219,8 +229,7 @@ def analyse(spec: SweepSpec, base, results: list[dict], measured: list[dict], nu
     best_steps = {b: r["steps_to_target"] for b, r in best.items()}
     fit = stages.run("fit", lambda: fitting.fit_critical_batch(best_steps))
     noise = measure_noise(spec, best, out, echo, stages)
-    values = [e["b_simple"] for e in noise.values() if e.get("b_simple") is not None]
-    b_noise = statistics.median(values) if values else None
+    b_noise = median_b_simple(noise)
     summary = {
         "sweep": spec.name, "base_job": spec.job, "target": {"metric": spec.target.metric, "value": spec.target.value},
         "max_epochs": spec.max_epochs, "n_train": n_train, "num_params": num_params,

@@ -1,7 +1,7 @@
 """The sweep's analysis: the best trial per batch size, rates at the grid's edge, the closing lines."""
 from __future__ import annotations
 
-from distffn.sweep.runner import best_per_batch, closing_lines, grid_edges
+from distffn.sweep.runner import best_per_batch, closing_lines, grid_edges, median_b_simple
 
 
 def results():
@@ -42,3 +42,9 @@ def test_the_projection_line_keeps_significant_digits_and_counts_in_words():
 def test_a_failed_stage_is_named_in_the_closing_lines():
     text = "\n".join(closing_lines({"errors": {"noise_scale": "B=64: RuntimeError: boom"}}))
     assert "incomplete: the noise scale stage failed" in text and "errors.log" in text
+
+
+def test_b_noise_leaves_out_estimates_that_are_not_positive():
+    noise = {32: {"b_simple": 55.2}, 128: {"b_simple": -36.9}, 512: {"b_simple": None}, 1024: {"b_simple": 80.0}}
+    assert median_b_simple(noise) == (55.2 + 80.0) / 2
+    assert median_b_simple({128: {"b_simple": -36.9}}) is None
