@@ -56,9 +56,11 @@ def steps_vs_batch(summary: dict, results: list[dict]) -> Figure:
     steps = np.array([b["steps_to_target"] for b in best], np.float64)
     if len(bs):
         ax.plot(bs, steps, "o", color="tab:blue", ms=7, label="best steps to target (lr tuned per B)", zorder=3)
-    all_b = sorted({r["batch_size"] for r in results}) or [1]
-    grid = np.geomspace(min(all_b) / 1.5, max(all_b) * 1.5, 200)
     fit = summary.get("fit")
+    # the axis shows every batch size, B_crit and B_noise (each line in the legend is drawn)
+    all_b = sorted({r["batch_size"] for r in results} | {x for x in (summary.get("b_noise"),
+                                                                       fit and fit["b_crit"]) if x}) or [1]
+    grid = np.geomspace(min(all_b) / 1.5, max(all_b) * 1.5, 200)
     if fit:
         ax.plot(grid, fit["s_min"] * (1 + fit["b_crit"] / grid), "-", color="tab:red",
                 label=f"fit S = S_min(1 + B_crit/B): S_min {fit['s_min']:.0f}, B_crit {fit['b_crit']:.0f}")

@@ -93,3 +93,11 @@ def test_figures_are_drawn_when_no_trial_reached_the_target(tmp_path):
     results = [trial(64, 0.05, None, best_metric=0.7), trial(128, 0.05, None)]
     for path in draw_all(summary_of(results), results, str(tmp_path)):
         assert open(path, "rb").read().startswith(PNG)
+
+
+def test_every_line_in_the_legend_is_inside_the_axis():
+    summary, results = full_sweep(256)
+    summary["b_noise"] = 2.0                        # far below the smallest batch size tried (16)
+    summary["fit"]["b_crit"] = 5000.0               # far above the largest (256)
+    lo, hi = steps_vs_batch(summary, results).axes[0].get_xlim()
+    assert lo < 2.0 and 5000.0 < hi
