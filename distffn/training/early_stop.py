@@ -51,7 +51,7 @@ class EarlyStop(Extension):
                 self.reached = {"metric": self.metric_name, "value": self.value, "reached": True,
                                 "observed": observed, "step": state.step,
                                 "epoch": round(state.step / trainer.steps_per_epoch, 4),
-                                "samples": trainer.train_samples + trainer.epoch_samples,
+                                "samples": trainer.samples_seen(),      # before a resume too
                                 "train_seconds": round(trainer.train_seconds + trainer.epoch_seconds, 4)}
                 trainer.observation["target"] = self.reached
                 if trainer.is_root:

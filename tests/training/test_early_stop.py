@@ -9,13 +9,14 @@ import pytest
 from distffn.jobspec import from_dict
 from distffn.training import Trainer
 
-from helpers import SMALL, user_error, write_job
+from helpers import SMALL, interrupted_copy, user_error, write_job
 
 
-def job(**training):
+def job(checkpoint=None, **training):
     raw = json.loads(json.dumps(SMALL))
     raw["data"]["validation_fraction"] = 0.1
     raw["training"].update({"epochs": 8, "eval_every": 3, **training})
+    raw["checkpoint"] = checkpoint or {}
     return from_dict(raw)
 
 
@@ -43,6 +44,19 @@ def test_the_run_stops_at_the_first_evaluation_reaching_the_target(tmp_path, met
     assert "reached" in summary["stopped"]
     # the trajectory up to the target is the full run's
     assert [e[metric] for e in evals] == [e[metric] for e in full_evals if e["step"] <= first["step"]]
+
+
+def test_a_resumed_run_counts_the_samples_to_its_target_from_the_start(tmp_path):
+    """A target reached after a resume is reached after every sample since step 0, not only the
+    ones this process stepped through."""
+    j = job(target_metric="validation_accuracy", target_value=0.9, checkpoint={"every_steps": 3})
+    full, _ = train(tmp_path, j, "full")
+    assert full["target"]["reached"] and full["target"]["step"] > 3
+    cut = tmp_path / "cut"
+    interrupted_copy(tmp_path / "full", cut, 3)
+    resumed = Trainer(j, str(cut), resume=True, progress=False, echo=lambda s: None).run()
+    assert resumed["target"]["step"] == full["target"]["step"]
+    assert resumed["target"]["samples"] == full["target"]["samples"]
 
 
 def test_a_target_not_reached_is_a_result_with_the_best_figure(tmp_path):
