@@ -32,6 +32,18 @@ def write_atomic(path: str, data, mode: int = 0o644) -> None:
         raise StorageFailed(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def write_figure(fig, path: str, dpi: int) -> str:
+    """A matplotlib figure as the PNG ``path``, atomically (rendered to memory first)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig)        # an Agg canvas of its own: no GUI backend is ever touched
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_atomic(path, buf.getvalue())
+    return path
+
+
 def write_json(path: str, obj, mode: int = 0o644) -> None:
     """``obj`` as indented JSON at ``path``, atomically."""
     write_atomic(path, json.dumps(obj, indent=2), mode)

@@ -15,13 +15,13 @@ import os
 
 import matplotlib
 import numpy as np
-import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
+from . import bounded_yaml
 from .data.dataset import IMAGE_SHAPES
 from .errors import UserError
+from .files import write_figure
 from .training.checkpoint import list_checkpoints, newest_valid_checkpoint
 from .training.metrics import iter_records
 
@@ -96,8 +96,7 @@ def _series(epochs: list[dict], key: str, scale: float = 1.0) -> tuple[list[int]
 
 
 def _save(fig: Figure, path: str) -> None:
-    FigureCanvasAgg(fig)  # attach an Agg canvas explicitly; no GUI backend is ever touched
-    fig.savefig(path, dpi=DPI)
+    write_figure(fig, path, DPI)        # atomically, never through a link planted in a run folder
 
 
 def _label_side(xs: list[int], i: int, dy: float) -> dict:
@@ -205,11 +204,7 @@ def _read_job(run_dir: str) -> dict:
     path = os.path.join(run_dir, "job.yaml")
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            job = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({e})") from None
+    job = bounded_yaml.load_file(path, "run's job spec")
     return job if isinstance(job, dict) else {}
 
 

@@ -16,6 +16,7 @@ import threading
 
 import pytest
 
+from distffn.cli import main
 from distffn.errors import StorageFailed
 from distffn.files import append_line, drop_torn_tail, write_atomic
 
@@ -114,6 +115,14 @@ def test_the_writers_replace_or_refuse_a_link_instead_of_following_it(tmp_path, 
     assert victim.read_text() == "precious\n"
     # a temp name guessed in advance is no way in either: it is created fresh (O_EXCL)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_plot_replaces_a_planted_link_instead_of_writing_through_it(tmp_path, victim, finished_run):
+    _, out = finished_run
+    (out / "curves.png").symlink_to(victim)
+    assert main(["plot", str(out)]) == 0
+    assert victim.read_text() == "precious\n"
+    assert not (out / "curves.png").is_symlink() and (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------- --out: someone else's folder

@@ -16,10 +16,10 @@ from typing import Callable, Optional
 
 import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator
 
+from ..files import write_figure
 from ..plot import plain_log_axes
 
 DPI = 100
@@ -28,9 +28,7 @@ REGIME_COLOURS = {"perfect_scaling": "#d9f0d3", "diminishing_returns": "#fee8c8"
 
 
 def _save(fig: Figure, path: str) -> str:
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=DPI)
-    return path
+    return write_figure(fig, path, DPI)
 
 
 def _legend(ax, **kw):

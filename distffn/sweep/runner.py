@@ -91,8 +91,7 @@ def _run(spec, base, out, command, echo, progress) -> dict:
     check_timing_backend(spec)
     job_path = os.path.join(out, "job.yaml")
     os.makedirs(out, exist_ok=True)
-    with open(job_path, "w") as f:
-        f.write(base.to_yaml())
+    write_atomic(job_path, base.to_yaml())
     dump_spec(spec, os.path.join(out, "sweep.yaml"))
     base_raw = base.to_dict()
     trials = promising_first(plan_trials(spec, base, n_train))
@@ -328,5 +327,4 @@ def closing_lines(summary: dict) -> list[str]:
 
 def dump_spec(spec: SweepSpec, path: str) -> None:
     """The resolved sweep spec, for the record."""
-    with open(path, "w") as f:
-        yaml.safe_dump(asdict(spec), f, sort_keys=False)
+    write_atomic(path, yaml.safe_dump(asdict(spec), sort_keys=False))

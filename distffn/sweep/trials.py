@@ -12,6 +12,7 @@ so that nothing else competes for the cores they are timed on.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -21,10 +22,10 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-import yaml
-
+from .. import bounded_yaml
 from ..data.sharding import steps_per_epoch
 from ..errors import RunFailed, UserError
+from ..files import write_atomic
 from ..jobspec import apply_overrides, from_dict
 from ..training import Trainer, TrainingDiverged
 from ..training import checkpoint as ckpt
@@ -257,14 +258,15 @@ def run_trials(trials: list[Trial], base_raw: dict, out: str, job_path: str, res
 def _on_ray(args: list[tuple], concurrency: int, finished: Callable[[dict], None]):
     """Every trial as a Ray task of one CPU on a Ray of the sweep's own with ``concurrency``
     CPUs (or on the cluster at ``$RAY_ADDRESS``); Ray decides what runs when."""
-    from ..parallel.ray_cluster import _import_ray, start_own_ray, stop_own_ray
+    from ..parallel.ray_cluster import _import_ray, connect_to_ray, is_loopback, start_own_ray, stop_own_ray
     address = os.environ.get("RAY_ADDRESS") or None
-    ray = _import_ray(local=address is None)
+    ray = _import_ray(local=address is None or is_loopback(address))
     own = None
     if address is None:
         own = start_own_ray(ray, concurrency, log_to_driver=False)
     else:
-        ray.init(address=address, logging_level="warning")
+        base_raw = args[0][0]               # the base job's scaling.connect_timeout_s bounds it
+        connect_to_ray(ray, address, base_raw["scaling"]["connect_timeout_s"], logging_level="warning")
     try:
         task = ray.remote(num_cpus=1)(_ray_trial)
         pending = [task.remote(*a, 1) for a in args]
@@ -328,10 +330,10 @@ def run_timing(timing: Timing, job_path: str, out: str, threads: int, repeat: in
 
 def _aggregation(run_dir: str) -> Optional[str]:
     try:
-        with open(os.path.join(run_dir, "job.yaml")) as f:
-            return (yaml.safe_load(f).get("scaling") or {}).get("aggregation")
-    except (OSError, yaml.YAMLError):
+        job = bounded_yaml.load_file(os.path.join(run_dir, "job.yaml"), "run's job spec")
+    except UserError:
         return None
+    return ((job if isinstance(job, dict) else {}).get("scaling") or {}).get("aggregation")
 
 
 # ---------------------------------------------------------------- results.csv
@@ -359,13 +361,12 @@ def result_rows(results: list[dict], step_seconds: dict[tuple[int, int], float],
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, CSV_COLUMNS)
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, CSV_COLUMNS)
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+    write_atomic(path, text.getvalue())
 
 
 def _sig(seconds: float) -> float:
