@@ -28,7 +28,6 @@ def two_host_ray(test_hosts, tmp_path):
     """A Ray head on host 1 and a node on host 2; yields (env for clients on host 1, host names)."""
     (h1, a1), (h2, _) = test_hosts.make(2)
     state = tmp_path / "head"
-    node_temp = tempfile.mkdtemp(prefix="dfn-node-", dir="/tmp")    # Ray's sockets: ≤ 107 bytes a path
     env = {"RAY_HEAD_HOST": a1, "RAY_HEAD_PORT": str(GCS), "RAY_DASHBOARD_PORT": str(DASHBOARD),
            "RAY_AGENT_PORT": str(AGENT), "START_TIMEOUT_S": "240", "RAY_HEAD_CPUS": "1",
            "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
@@ -36,6 +35,7 @@ def two_host_ray(test_hosts, tmp_path):
     assert up.returncode == 0, up.stdout + up.stderr
     client = {**os.environ, "PATH": env["PATH"], "RAY_AUTH_MODE": "token",
               "RAY_AUTH_TOKEN_PATH": str(state / "auth_token"), "RAY_USAGE_STATS_ENABLED": "0"}
+    node_temp = tempfile.mkdtemp(prefix="dfn-node-", dir="/tmp")    # Ray's sockets: ≤ 107 bytes a path
     log = open(tmp_path / "node.log", "w")
     node = test_hosts.popen(2, os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block",
                             f"--address={a1}:{GCS}", "--num-cpus=1", f"--temp-dir={node_temp}",
