@@ -10,6 +10,7 @@
 #
 #   cluster/test-hosts.sh up N [STATE_DIR]     make hosts 1..N (default STATE_DIR /tmp/distffn-hosts)
 #   cluster/test-hosts.sh run I CMD...           run CMD on host I (nsenter), STATE_DIR from $HOSTS_STATE
+#   cluster/test-hosts.sh lose I                 SIGKILL every process of host I (a lost machine); STATE_DIR from $HOSTS_STATE
 #   cluster/test-hosts.sh down [STATE_DIR]     kill what runs in them (by pid) and remove everything made
 #   cluster/test-hosts.sh status [STATE_DIR]   the hosts, their addresses and process counts
 #
@@ -96,6 +97,18 @@ run_on() {
     exec nsenter --target "$pid" --net --uts --ipc --mount --wd="$PWD" "$@"
 }
 
+lose() {
+    # every process of host I killed at once (SIGKILL), as when a machine loses power; the host
+    # itself (its address, its holder) stays, answering nothing
+    local i=${1:?usage: $0 lose I} state host holder pids
+    state=$(state_of "")
+    read -r host holder < <(awk -v i="$i" '$1 == i {print $2, $4}' "$state/hosts" 2>/dev/null) || true
+    [ -n "${host:-}" ] || { echo "test-hosts.sh: no host $i in $state" >&2; exit 2; }
+    pids=$(ip netns pids "$host" | grep -vx "$holder" || true)
+    [ -n "$pids" ] && kill -KILL $pids 2>/dev/null || true
+    echo "host $i ($host): killed $(printf '%s\n' $pids | grep -c .) processes"
+}
+
 down() {
     local state ns pids i alive
     state=$(state_of "${1:-}")
@@ -136,7 +149,8 @@ status() {
 case "$ACTION" in
     up) shift; up "$@" ;;
     run) shift; run_on "$@" ;;
+    lose) shift; lose "$@" ;;
     down) shift; down "$@" ;;
     status) shift; status "$@" ;;
-    *) echo "usage: $0 up N [STATE_DIR] | run I CMD... | down [STATE_DIR] | status [STATE_DIR]" >&2; exit 2 ;;
+    *) echo "usage: $0 up N [STATE_DIR] | run I CMD... | lose I | down [STATE_DIR] | status [STATE_DIR]" >&2; exit 2 ;;
 esac

@@ -195,6 +195,11 @@ def test_hosts(tmp_path_factory):
         def run(self, i: int, *cmd, timeout: float = 60):
             return run_group([TEST_HOSTS, "run", str(i), *map(str, cmd)], timeout=timeout, env=env)
 
+        def lose(self, i: int):
+            """Every process of host i SIGKILLed at once, as when the machine is lost."""
+            r = run_group([TEST_HOSTS, "lose", str(i)], timeout=30, env=env)
+            assert r.returncode == 0, r.stdout + r.stderr
+
         def popen(self, i: int, *cmd, **kwargs):
             return subprocess.Popen([TEST_HOSTS, "run", str(i), *map(str, cmd)], env={**env, **kwargs.pop("env", {})},
                                     start_new_session=True, **kwargs)

@@ -2,7 +2,8 @@
 private bridge: `cluster/test-hosts.sh`): a head on host 1 at 198.18.0.1 with token auth, a
 worker node on host 2, and `distffn run` with 2 workers, one per host, in both aggregation
 modes (`allreduce`: MPI between the actors over eth0). The model equals the 1-worker run's
-within the N-vs-1 bound, and the workers ran on both hosts."""
+within the N-vs-1 bound, and the workers ran on both hosts. Losing host 2 mid-run ends the run
+at once, naming it."""
 from __future__ import annotations
 
 import json
@@ -80,3 +81,35 @@ def test_two_workers_on_two_hosts_train_the_model_of_one(two_host_ray, test_host
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert start["aggregation"] == mode and len(set(start["placement"])) == 2
     assert_same_model(reference, out)
+
+
+def test_a_lost_host_ends_the_run_within_the_step_timeout_naming_it(two_host_ray, test_hosts, tmp_path):
+    """failure.max_failures: 0 (the default): every process of host 2 killed mid-run ends the run
+    with exit 1 within scaling.timeout_s + 10 s and one line naming host 2's worker."""
+    client, (_, h2) = two_host_ray
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_dict(training={"epochs": 100_000})))
+    out = tmp_path / "run"
+    run = test_hosts.popen(1, "env", *(f"{k}={v}" for k, v in client.items() if k.startswith(("RAY_", "PATH"))),
+                           sys.executable, "-m", "distffn", "run", job, "--out", out, "--no-progress",
+                           "--set", "scaling.backend=ray", "--set", "scaling.num_workers=2",
+                           "--set", f"scaling.address=198.18.0.1:{GCS}", "--set", "scaling.aggregation=central",
+                           "--set", "scaling.timeout_s=20", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints" / "step-00000000.npz").exists() or not (out / "workers.json").exists():
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1]
+            time.sleep(0.2)
+        assert h2 in [w["host"] for w in json.loads((out / "workers.json").read_text())]
+        lost_at = time.monotonic()
+        test_hosts.lose(2)
+        _, err = run.communicate(timeout=20 + 10 + 30)
+        took = time.monotonic() - lost_at
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(10)
+    assert run.returncode == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("distffn: error:")]
+    assert len(errors) == 1 and h2 in errors[0], err
+    assert took <= 20 + 10, took
