@@ -27,9 +27,8 @@ import yaml
 
 from ..data.prepare import prepare_data
 from ..errors import RunFailed, UserError
-from ..files import write_atomic
+from ..files import write_atomic, write_json
 from ..plot import plain_number as plain
-from ..training.metrics import write_json
 from ..training.noise_scale import estimate_checkpoint
 from ..training.run_lock import RunLock
 from . import fit as fitting

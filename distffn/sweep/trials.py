@@ -25,11 +25,10 @@ from typing import Callable, Optional
 from .. import bounded_yaml
 from ..data.sharding import steps_per_epoch
 from ..errors import RunFailed, UserError
-from ..files import write_atomic
+from ..files import write_atomic, write_json
 from ..jobspec import apply_overrides, from_dict
 from ..training import Trainer, TrainingDiverged
 from ..training import checkpoint as ckpt
-from ..training.metrics import write_json
 from ..training.progress import ProgressBar
 
 RESULT = "result.json"       # a finished trial's outcome

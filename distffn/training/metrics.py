@@ -7,7 +7,7 @@ import math
 import os
 import time
 
-from ..files import append_line, write_json  # noqa: F401 (write_json: for importers)
+from ..files import append_line, write_json
 from ..parallel.backend import StepTimes, Totals, placement_of
 from .checkpointer import TrainingDiverged
 from .extension import PRIORITY_CHECK, PRIORITY_OBSERVE, PRIORITY_REPORT, Extension
