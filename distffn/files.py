@@ -73,12 +73,9 @@ def append_line(path: str, line: str) -> None:
 def drop_torn_tail(path: str) -> int:
     """Cut an unfinished last line (a process killed mid-write) off ``path``, so the next
     append starts a line of its own instead of joining it; the bytes dropped (0: none)."""
-    try:
-        fd = _open_no_follow(path, os.O_RDWR)
-    except StorageFailed:
-        if not os.path.lexists(path):
-            return 0
-        raise
+    if not os.path.lexists(path):
+        return 0
+    fd = _open_no_follow(path, os.O_RDWR)
     try:
         size = os.fstat(fd).st_size
         if size == 0 or os.pread(fd, 1, size - 1) == b"\n":

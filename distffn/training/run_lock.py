@@ -23,7 +23,7 @@ def live_holder(out_dir: str):
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None
     except BlockingIOError:
-        return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        return _holder(fd)
     finally:
         os.close(fd)
 
@@ -33,6 +33,11 @@ def check_not_busy(out_dir: str) -> None:
     holder = live_holder(out_dir)
     if holder is not None:
         raise _busy(out_dir, holder)
+
+
+def _holder(fd: int) -> str:
+    """The pid a lock file holds, as written."""
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
 
 
 def _busy(out_dir: str, holder: str) -> UserError:
@@ -65,7 +70,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            holder = _holder(fd)
             os.close(fd)
             raise _busy(self.out_dir, holder) from None
         os.ftruncate(fd, 0)
