@@ -312,7 +312,9 @@ def run_timing(timing: Timing, job_path: str, out: str, threads: int, repeat: in
             env.update({k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         if p.returncode != 0:
-            last = (p.stderr.strip().splitlines() or [f"exit code {p.returncode}"])[-1]
+            # distffn's own line, not MPI's abort notice that follows it under mpiexec
+            lines = p.stderr.strip().splitlines()
+            last = ([ln for ln in lines if ln.startswith("distffn: error: ")] or lines or [f"exit code {p.returncode}"])[-1]
             last = last.removeprefix("distffn: error: ")
             raise (UserError if p.returncode == 2 else RunFailed)(f"timed run {timing.id} ({timing.backend}): {last}")
     with open(summary_path) as f:
