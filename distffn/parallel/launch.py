@@ -54,6 +54,10 @@ def maybe_relaunch_under_mpi(job, argv: list[str], checks=(), env=None) -> int |
     Returns the exit code of ``mpiexec -n N``, or None when this process should train.
     """
     if under_mpi():
+        if job.scaling.interface and not os.environ.get(RESTARTED_BY_LAUNCHER):
+            # under the user's mpiexec (a host file: several nodes) MPI keeps to the named
+            # network, as distffn's own launchers do; UCX reads these when MPI starts, just below
+            os.environ.update(network_env(job.scaling.interface))
         adopt_mpi_world(job)
         return None
     if job.scaling.backend != "mpi":
