@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A single-node SLURM cluster on this machine, for trying `distffn submit` and for tests.
+# A SLURM cluster on this machine, for trying `distffn submit` and for tests: one node by
+# default, or several hosts that share this filesystem (test hosts: cluster/test-hosts.sh).
 #
 #   cluster/slurm/local-cluster.sh up|down|status [STATE_DIR]
 #
@@ -19,6 +20,23 @@
 # and the SIGKILL of a cancelled job), DISTFFN_SLURM_UP_TIMEOUT (30 s), DISTFFN_SLURM_STOP_GRACE
 # (10 s per daemon before SIGKILL), DISTFFN_SLURM_NODENAME (default `hostname -s`),
 # DISTFFN_SLURM_CRED_EXPIRE (30 s: how long a requeued job waits before it may start again).
+#
+# Several nodes: DISTFFN_SLURM_NODES="NAME=ADDRESS NAME=ADDRESS ..." names each node by its
+# hostname and the address its daemons bind and are reached at; the first also runs slurmctld.
+# DISTFFN_SLURM_ON is a command prefix that runs a command on node I, %i in it standing for I
+# (1, 2, ... in the order of the list), e.g. for test hosts made by `cluster/test-hosts.sh up 2`:
+#
+#   HOSTS_STATE=/tmp/distffn-hosts DISTFFN_SLURM_ON="cluster/test-hosts.sh run %i" \
+#   DISTFFN_SLURM_NODES="dfn123456-h1=198.18.0.1 dfn123456-h2=198.18.0.2" cluster/slurm/local-cluster.sh up
+#
+# slurmctld and each slurmd are started on their node through that prefix; munged runs here, its
+# socket in STATE_DIR reached from every node (the filesystem is shared, and a Unix socket's
+# path works across network namespaces). SLURM's clients (sbatch, squeue, distffn submit) must
+# run where the first node's address is reachable: `down` and `status` run theirs on node 1.
+# Each node's hostname must resolve to its address on every node (/etc/hosts, DNS), as on any
+# cluster: with NoInAddrAny, srun and slurmstepd bind the address their hostname resolves to.
+# The daemons' pids must be visible here (namespaces, not other machines): `down` stops them by
+# their pid files, each slurmd's named slurmd-NAME.pid.
 #
 # `down` cancels this cluster's jobs, then stops exactly the daemons named in its pid files
 # (SIGTERM, SIGKILL after the grace), and any slurmstepd this slurmd left behind (recognised by
@@ -48,6 +66,24 @@ UP_TIMEOUT=${DISTFFN_SLURM_UP_TIMEOUT:-30}
 STOP_GRACE=${DISTFFN_SLURM_STOP_GRACE:-10}
 HOST=$(hostname -s)                   # slurmctld only runs where SlurmctldHost is this name
 NODE=${DISTFFN_SLURM_NODENAME:-$HOST}
+ON=${DISTFFN_SLURM_ON:-}
+MULTI=${DISTFFN_SLURM_NODES:-}
+NAMES=() ADDRS=()
+if [ -n "$MULTI" ]; then
+    for pair in $MULTI; do
+        if ! [[ "$pair" =~ ^([A-Za-z0-9][A-Za-z0-9._-]*)=([0-9]+\.[0-9]+\.[0-9]+\.[0-9]+)$ ]]; then
+            echo "error: DISTFFN_SLURM_NODES: expected NAME=ADDRESS pairs (IPv4), got '$pair'" >&2
+            exit 2
+        fi
+        NAMES+=("${BASH_REMATCH[1]}") ADDRS+=("${BASH_REMATCH[2]}")
+    done
+    CTLD_HOST=${NAMES[0]} CTLD_ADDR=${ADDRS[0]}
+    SLURMDS=("${NAMES[@]/#/slurmd-}")         # their pid files: run/slurmd-NAME.pid
+else
+    NAMES=("$NODE") ADDRS=(127.0.0.1)
+    CTLD_HOST=$HOST CTLD_ADDR=127.0.0.1
+    SLURMDS=(slurmd)
+fi
 CONF=$STATE/slurm.conf
 MUNGE_SOCKET=$STATE/munge/munge.socket
 # Clients and daemons read this; slurmd also hands exactly this SLURM_CONF to every slurmstepd
@@ -55,6 +91,15 @@ MUNGE_SOCKET=$STATE/munge/munge.socket
 export SLURM_CONF=$CONF
 
 pidfile() { echo "$STATE/run/$1.pid"; }
+
+# Run a command on node $1 (1, 2, ...): through DISTFFN_SLURM_ON, or here without it.
+on() {
+    local i=$1 prefix
+    shift
+    [ -n "$ON" ] || { "$@"; return; }
+    IFS=" " read -ra prefix <<< "${ON//%i/$i}"
+    "${prefix[@]}" "$@"
+}
 
 # The pid in $1's pid file when that process is alive AND is ours: the right program, with our
 # STATE_DIR on its command line (a stale pid file must never make us signal a stranger).
@@ -64,7 +109,7 @@ our_pid() {
     [ -s "$f" ] || return 1
     pid=$(tr -dc 0-9 < "$f")
     [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
-    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ] || return 1
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "${name%%-*}" ] || return 1     # slurmd-NAME: slurmd
     tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF -- "$STATE/" || return 1
     echo "$pid"
 }
@@ -95,23 +140,23 @@ descendants() {
     done
 }
 
-port_busy() { ss -Htln "sport = :$1" 2>/dev/null | grep -q .; }
+port_busy() { on "$1" ss -Htln "sport = :$2" 2>/dev/null | grep -q .; }     # on node $1
 
 write_config() {
-    local cpus mem_mb
+    local cpus mem_mb i
     cpus=$(nproc)
     mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
     # An empty plugstack.conf: otherwise slurmd/srun read /etc/slurm/plugstack.conf.
     : > "$STATE/plugstack.conf"
     cat > "$CONF" <<EOF
-# Written by cluster/slurm/local-cluster.sh: a single-node cluster in $STATE.
+# Written by cluster/slurm/local-cluster.sh: a ${#NAMES[@]}-node cluster in $STATE.
 ClusterName=distffn
-# The controller is this machine, reached on loopback.
-SlurmctldHost=$HOST(127.0.0.1)
+# The controller: this machine on loopback, or the first node at its address.
+SlurmctldHost=$CTLD_HOST($CTLD_ADDR)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SrunPortRange=$SRUN_PORTS
-# Bind to the address the node name resolves to (127.0.0.1 here) instead of 0.0.0.0.
+# Bind to the node's own address instead of 0.0.0.0.
 # NoCtldInAddrAny: slurmctld; NoInAddrAny: slurmd, slurmstepd, srun.
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 SlurmUser=root
@@ -122,11 +167,11 @@ CredType=cred/munge
 # cred_expire also delays a requeued job's restart (default 120 s; BeginTime=now+cred_expire).
 AuthInfo=socket=$MUNGE_SOCKET,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/slurmd
+SlurmdSpoolDir=$STATE/slurmd${MULTI:+/%n}
 SlurmctldPidFile=$(pidfile slurmctld)
-SlurmdPidFile=$(pidfile slurmd)
+SlurmdPidFile=$STATE/run/slurmd${MULTI:+-%n}.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd${MULTI:+-%n}.log
 SlurmctldDebug=info
 SlurmdDebug=info
 PlugStackConfig=$STATE/plugstack.conf
@@ -153,9 +198,20 @@ JobRequeue=1
 MinJobAge=3600
 # Seconds between a cancelled job's SIGTERM and its SIGKILL.
 KillWait=$KILLWAIT
-NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$HOST CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
+    if [ -z "$MULTI" ]; then
+        echo "NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$HOST CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
+    else     # each host is told this machine's cores and memory (they share them)
+        for i in "${!NAMES[@]}"; do
+            echo "NodeName=${NAMES[i]} NodeAddr=${ADDRS[i]} CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
+        done
+    fi >> "$CONF"
+    local IFS=,
+    echo "PartitionName=debug Nodes=${NAMES[*]} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO" >> "$CONF"
+    # A node in a network namespace may see no cgroup filesystem (`ip netns exec` mounts a fresh
+    # /sys), where slurmd's detection of the cgroup version fails; nothing here uses cgroups
+    # (proctrack/linuxproc, task/none), so name the version instead of detecting it.
+    if [ -n "$MULTI" ]; then echo "CgroupPlugin=cgroup/v1" > "$STATE/cgroup.conf"; else rm -f "$STATE/cgroup.conf"; fi
 }
 
 start_munged() {
@@ -168,62 +224,88 @@ start_munged() {
         --log-file="$STATE/log/munged.log" --seed-file="$STATE/munge/munged.seed"
 }
 
-# Ready = the slurmd started at or after $1 (local time, as slurm prints it) has registered and
-# the node is usable. A restarted slurmctld may report the node idle from its saved state
-# before slurmd is back; sinfo's idle* (not responding), idle~, drain... do not count.
+# Ready = the slurmd started at or after $2 (local time, as slurm prints it) on node $1 has
+# registered and the node is usable. A restarted slurmctld may report the node idle from its
+# saved state before slurmd is back; sinfo's idle* (not responding), idle~, drain... do not count.
+# Bounded by UP_TIMEOUT from $3 (seconds since the epoch), a deadline all nodes share.
 wait_idle() {
-    local since=$1 i state="" started=""
-    for ((i = 0; i < UP_TIMEOUT * 2; i++)); do
-        state=$(sinfo -h -n "$NODE" -o %T 2>/dev/null || true)
-        started=$(scontrol show node -o "$NODE" 2>/dev/null | grep -oP 'SlurmdStartTime=\K\S+' || true)
+    local node=$1 since=$2 t0=$3 state="" started=""
+    while (($(date +%s) - t0 < UP_TIMEOUT)); do
+        state=$(on 1 sinfo -h -n "$node" -o %T 2>/dev/null || true)
+        started=$(on 1 scontrol show node -o "$node" 2>/dev/null | grep -oP 'SlurmdStartTime=\K\S+' || true)
         if [[ "$started" > "$since" || "$started" == "$since" ]]; then
             case "$state" in idle | mixed | allocated) return 0 ;; esac
         fi
         sleep 0.5
     done
-    echo "error: node $NODE not idle after ${UP_TIMEOUT}s (sinfo says '${state:-nothing}');" \
-         "see $STATE/log/slurmctld.log and slurmd.log" >&2
+    echo "error: node $node not idle after ${UP_TIMEOUT}s (sinfo says '${state:-nothing}');" \
+         "see $STATE/log/slurmctld.log and slurmd*.log" >&2
     return 1
 }
 
+# munged here, slurmctld on node 1, a slurmd on every node, and wait for the nodes.
+start_daemons() {
+    local i since t0
+    since=$(date +%Y-%m-%dT%H:%M:%S) t0=$(date +%s)
+    start_munged && on 1 slurmctld -f "$CONF" || return 1
+    for i in "${!NAMES[@]}"; do
+        on $((i + 1)) slurmd -f "$CONF" -N "${NAMES[i]}" || return 1
+    done
+    for i in "${!NAMES[@]}"; do
+        wait_idle "${NAMES[i]}" "$since" "$t0" || return 1
+    done
+}
+
+# Every daemon of this cluster running ($1 = all) or any of them ($1 = any).
+daemons_running() {
+    local name found=0
+    for name in munged slurmctld "${SLURMDS[@]}"; do
+        if running "$name"; then found=1; elif [ "$1" = all ]; then return 1; fi
+    done
+    [ "$1" = all ] || [ "$found" = 1 ]
+}
+
 cmd_up() {
-    if running munged && running slurmctld && running slurmd; then
+    if daemons_running all; then
         echo "already running in $STATE"
         echo "export SLURM_CONF=$CONF"
         return 0
     fi
-    if running munged || running slurmctld || running slurmd; then
+    if daemons_running any; then
         echo "error: only some daemons of $STATE are running; run '$0 down $STATE' first" >&2
         return 1
     fi
-    local port
+    local port i
     for port in "$CTLD_PORT" "$SLURMD_PORT"; do
         if ! [[ "$port" =~ ^[0-9]+$ ]] || ((port < 1 || port > 65535)); then
             echo "error: '$port' is not a TCP port" >&2   # slurm would silently wrap it
             return 1
         fi
-        if port_busy "$port"; then
-            echo "error: port $port is in use; set DISTFFN_SLURMCTLD_PORT / DISTFFN_SLURMD_PORT" >&2
-            return 1
-        fi
+    done
+    for ((i = 1; i <= ${#NAMES[@]}; i++)); do         # slurmctld's port on node 1, slurmd's on each
+        for port in $( ((i == 1)) && echo "$CTLD_PORT") "$SLURMD_PORT"; do
+            if port_busy "$i" "$port"; then
+                echo "error: port $port is in use${MULTI:+ on node $i}; set DISTFFN_SLURMCTLD_PORT / DISTFFN_SLURMD_PORT" >&2
+                return 1
+            fi
+        done
     done
     # munged insists that its socket's directory (and those above it) be searchable by all but
     # writable only by its owner; the key itself is 0600.
     mkdir -p "$STATE"/{munge,run,log,ctld,slurmd}
     chmod 755 "$STATE" "$STATE/munge"
     write_config
-    # All three daemonise and write their pid files; -f points slurmctld and slurmd at our
-    # conf, -N names the node (so NodeName need not be the hostname). A failed start stops
-    # whatever did start (the logs stay in $STATE/log).
-    local since
-    since=$(date +%Y-%m-%dT%H:%M:%S)
-    if ! { start_munged && slurmctld -f "$CONF" && slurmd -f "$CONF" -N "$NODE" && wait_idle "$since"; }; then
+    # All daemonise and write their pid files; -f points slurmctld and slurmd at our conf, -N
+    # names the node (so NodeName need not be the hostname). A failed start stops whatever did
+    # start (the logs stay in $STATE/log).
+    if ! start_daemons; then
         echo "error: SLURM did not come up; stopping what started. Logs: $STATE/log/" >&2
         tail -n 5 "$STATE"/log/*.log >&2 2>/dev/null || true
         cmd_down >&2
         return 1
     fi
-    echo "SLURM is up in $STATE (node $NODE, partition debug, slurmctld port $CTLD_PORT)"
+    local IFS=,
+    echo "SLURM is up in $STATE (node${MULTI:+s} ${NAMES[*]}, partition debug, slurmctld port $CTLD_PORT)"
     echo "export SLURM_CONF=$CONF"
 }
 
@@ -232,15 +314,15 @@ cmd_up() {
 cancel_jobs() {
     local i jobs
     running slurmctld || return 0
-    jobs=$(squeue -h -o %A 2>/dev/null || true)
+    jobs=$(on 1 squeue -h -o %A 2>/dev/null || true)
     [ -n "$jobs" ] || return 0
     # shellcheck disable=SC2086 # one job id per word
-    scancel $jobs 2>/dev/null || true
+    on 1 scancel $jobs 2>/dev/null || true
     for ((i = 0; i < (KILLWAIT + 10) * 2; i++)); do
-        [ -z "$(squeue -h -o %A 2>/dev/null || true)" ] && return 0
+        [ -z "$(on 1 squeue -h -o %A 2>/dev/null || true)" ] && return 0
         sleep 0.5
     done
-    echo "warning: jobs still listed after cancel: $(squeue -h -o '%A %T' | tr '\n' ' ')" >&2
+    echo "warning: jobs still listed after cancel: $(on 1 squeue -h -o '%A %T' | tr '\n' ' ')" >&2
 }
 
 # slurmstepd processes this slurmd started (they carry SLURM_CONF=$CONF).
@@ -259,7 +341,7 @@ cmd_down() {
     cancel_jobs
     # slurmd and slurmctld together (each takes 1-2 s to exit), munged last: they use it until
     # they are gone.
-    for names in "slurmd slurmctld" munged; do
+    for names in "${SLURMDS[*]} slurmctld" munged; do
         pids=()
         for name in $names; do
             pid=$(our_pid "$name") && pids+=("$pid") && echo "stopping $name (pid $pid)"
@@ -282,7 +364,7 @@ cmd_down() {
 
 cmd_status() {
     local name pid rc=0
-    for name in munged slurmctld slurmd; do
+    for name in munged slurmctld "${SLURMDS[@]}"; do
         if pid=$(our_pid "$name"); then
             echo "$name: running (pid $pid)"
         else
@@ -290,7 +372,8 @@ cmd_status() {
         fi
     done
     if [ "$rc" = 0 ]; then
-        echo "node: $(sinfo -h -n "$NODE" -o '%N %T %C' 2>/dev/null || echo '?')"
+        local IFS=,
+        on 1 sinfo -N -h -n "${NAMES[*]}" -o 'node: %N %T %C' 2>/dev/null || echo "node: ?"
         echo "export SLURM_CONF=$CONF"
     fi
     return "$rc"

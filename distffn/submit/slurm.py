@@ -9,7 +9,8 @@ Every client command is bounded (:data:`COMMAND_TIMEOUT_S`); one that reaches no
 ends in one line naming it (from ``$SLURM_CONF``) and the fix, and makes a job's state
 ``UNKNOWN`` (not an ending: a job SLURM no longer lists is read from its run directory).
 On one node the run starts distffn's own ``mpiexec`` (so ``failure.max_failures`` can restart
-its ranks); across nodes ``srun`` starts one rank per task.
+its ranks); across nodes ``srun`` starts one rank per task, MPI between them on
+``scaling.interface`` (which such a job must name).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from typing import Iterator, Optional
 from ..errors import UserError
 from ..files import write_atomic
 from ..jobspec import validate
+from ..parallel.mpi_env import network_defaults
 from ..parallel.resources import note
 from .records import PRIVATE_FILE, stage_dir
 from .scheduler import (
@@ -224,6 +226,12 @@ class Slurm(Scheduler):
     def adapt(self, job):
         """The allocation decides the workers: one MPI rank per task."""
         s, n = job.scaling, self.ranks
+        if self.profile.nodes > 1 and not s.interface:
+            # the ranks send their gradients between nodes by MPI: over a network the user names,
+            # never a guessed one (as for Ray's allreduce on a cluster)
+            raise UserError(f"scaling.interface: a job on {self.profile.nodes} nodes ({self.source}) "
+                            f"moves its gradients by MPI between them; name the network interface "
+                            f"it may use on the nodes (e.g. eth0 or ib0)")
         if n > 1 and (s.backend != "mpi" or s.num_workers != n):
             note(f"slurm: {n} workers as MPI ranks (nodes {self.profile.nodes} × tasks_per_node "
                  f"{self.profile.tasks_per_node}); the job spec said {s.num_workers} on {s.backend}")
@@ -244,9 +252,14 @@ class Slurm(Scheduler):
         run = run_command(p.command, os.path.join(stage_dir(record.id), "job.yaml"), record.run_dir)
         # on one node distffn starts its own mpiexec (and can restart ranks); across nodes srun
         # does, with --mpi=pmi2 (the pip MPICH speaks PMI-2; without it each task is an MPI world
-        # of one). srun answers SIGTERM by SIGKILLing its tasks but passes SIGUSR1 on, and the
-        # run takes SIGUSR1 as a forwarded SIGTERM
-        launch = run if p.nodes == 1 else f"srun --kill-on-bad-exit=1 --mpi=pmi2 {run}"
+        # of one). srun answers SIGTERM by ending the step (its tasks SIGKILLed after KillWait)
+        # without passing it on, but passes SIGUSR1 on, and the run takes SIGUSR1 as a forwarded
+        # SIGTERM (scancel and requeue also SIGTERM the tasks themselves, through their slurmstepd)
+        # UCX (the pip MPICH's network layer) on scaling.interface between the nodes, unless the
+        # job's environment already says otherwise (srun passes its environment to the tasks)
+        network = " ".join(f"{k}=${{{k}:-{shlex.quote(v)}}}"
+                           for k, v in network_defaults(job.scaling.interface).items())
+        launch = run if p.nodes == 1 else f"{network} srun --kill-on-bad-exit=1 --mpi=pmi2 {run}"
         forward = "TERM" if p.nodes == 1 else "USR1"
         # quoted as a shell word, which sbatch's #SBATCH parser also reads as one argument
         # (quotes and backslashes as in a shell; an unquoted # would start a comment there)
