@@ -18,7 +18,7 @@
 # Environment (all optional): DISTFFN_SLURMCTLD_PORT (default 16817), DISTFFN_SLURMD_PORT
 # (16818), DISTFFN_SRUN_PORTS (16820-16899), DISTFFN_SLURM_KILLWAIT (30 s between the SIGTERM
 # and the SIGKILL of a cancelled job), DISTFFN_SLURM_UP_TIMEOUT (30 s), DISTFFN_SLURM_STOP_GRACE
-# (10 s per daemon before SIGKILL), DISTFFN_SLURM_NODENAME (default `hostname -s`),
+# (10 s per daemon before SIGKILL), DISTFFN_SLURM_NODENAME (one node: default `hostname -s`),
 # DISTFFN_SLURM_CRED_EXPIRE (30 s: how long a requeued job waits before it may start again).
 #
 # Several nodes: DISTFFN_SLURM_NODES="NAME=ADDRESS NAME=ADDRESS ..." names each node by its
