@@ -23,7 +23,7 @@ from .nn.activations import ACTIVATIONS
 from .nn.init import INITIALIZERS
 from .nn.objectives import losses, losses_for, outputs
 from .optim import OPTIMIZERS, SCHEDULES
-from .parallel import AUTO, BACKENDS, aggregations
+from .parallel import AUTO, BACKENDS, PLACEMENTS, aggregations
 from .targets import TARGET_METRICS
 
 
@@ -92,6 +92,8 @@ class ScalingConfig:
     connect_timeout_s: float = 60.0     # connecting to a Ray cluster (scaling.address) waits at most this
     oversubscribe: bool = False         # allow more than 4 workers per core on one node
     interface: Optional[str] = None     # network interface for MPI between nodes (Ray allreduce on a cluster)
+    placement: str = "auto"             # Ray: auto | spread (one worker a node where it can) | pack (fill a node first)
+    cpus_per_worker: int = 0            # Ray: cores each worker holds (0: an even share, chosen at the start)
 
 
 @dataclass
@@ -110,6 +112,7 @@ class CheckpointConfig:
 @dataclass
 class FailureConfig:
     max_failures: int = 0               # Ray Train's: 0 fail fast, N restarts, -1 without limit
+    min_workers: int = 0                # Ray, elastic: go on with the workers left, down to this many (0: off)
 
 
 @dataclass
@@ -271,6 +274,15 @@ def validate(job: JobConfig) -> JobConfig:
     _positive(s.num_workers, "scaling.num_workers")
     _positive(s.timeout_s, "scaling.timeout_s")
     _positive(s.connect_timeout_s, "scaling.connect_timeout_s")
+    if s.placement != AUTO and s.placement not in PLACEMENTS:
+        raise UserError(f"scaling.placement: expected auto, {' or '.join(PLACEMENTS)}; got {short(s.placement)}")
+    if s.placement != AUTO and s.backend != "ray":
+        raise UserError(f"scaling.placement: {s.placement} places Ray actors; with scaling.backend: {s.backend} "
+                        f"the launcher places the workers (mpiexec's host file, SLURM's nodes); use auto")
+    _positive(s.cpus_per_worker, "scaling.cpus_per_worker", allow_zero=True)
+    if s.cpus_per_worker and s.backend != "ray":
+        raise UserError(f"scaling.cpus_per_worker: sizes Ray's workers; with scaling.backend: {s.backend} "
+                        f"each worker uses the cores of its share of the node; use 0")
     if s.num_workers > t.batch_size:
         raise UserError(f"scaling.num_workers: {s.num_workers} workers cannot share a global batch of "
                         f"{t.batch_size} samples (training.batch_size); use at most {t.batch_size}")
@@ -284,6 +296,13 @@ def validate(job: JobConfig) -> JobConfig:
     if job.failure.max_failures < -1:
         raise UserError(f"failure.max_failures: expected -1 (no limit), 0 (fail fast) or a positive count, "
                         f"got {job.failure.max_failures}")
+    k = job.failure.min_workers
+    if not 0 <= k <= s.num_workers:
+        raise UserError(f"failure.min_workers: expected 0 (not elastic) up to scaling.num_workers ({s.num_workers}), "
+                        f"got {k}")
+    if 0 < k < s.num_workers and s.backend != "ray":
+        raise UserError(f"failure.min_workers: going on with fewer workers needs scaling.backend: ray (with "
+                        f"{s.backend} the launcher starts every rank again); got {k} of {s.num_workers}")
     return job
 
 

@@ -12,6 +12,7 @@ import threading
 import numpy as np
 
 from . import kernels
+from .import_lock import HEAVY_IMPORTS
 
 
 def _call_every_kernel():
@@ -43,7 +44,8 @@ def warm_up(job) -> threading.Thread | None:
 
     def run():
         try:
-            _call_every_kernel()
+            with HEAVY_IMPORTS:     # numba's first compile imports SciPy (import_lock.py)
+                _call_every_kernel()
         except Exception:           # the step's own call raises it with context
             pass
     thread = threading.Thread(target=run, name="distffn-kernel-warmup", daemon=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -174,39 +175,61 @@ def slurm_client(slurm_cluster, tmp_path):
 TEST_HOSTS = os.path.join(REPO, "cluster", "test-hosts.sh")
 
 
+class HostSet:
+    """``make(n)`` brings up n test hosts (`cluster/test-hosts.sh`: network namespaces on a private
+    bridge, 198.18.0.i on eth0, each with its own hostname, IPC and /dev/shm) and returns
+    ``[(name, address), ...]``; ``run(i, *cmd, timeout)`` runs a command on host i, ``popen``
+    starts one, ``lose(i)`` kills every process of host i, ``listeners(i)`` lists its sockets."""
+
+    def __init__(self, state):
+        self.state_dir = state
+        self.env = {**os.environ, "HOSTS_STATE": str(state)}
+
+    def make(self, n: int):
+        up = run_group([TEST_HOSTS, "up", str(n), str(self.state_dir)], timeout=60, env=self.env)
+        assert up.returncode == 0, up.stdout + up.stderr
+        rows = (self.state_dir / "hosts").read_text().split("\n")
+        self.hosts = [tuple(r.split()[1:3]) for r in rows if r.strip()]
+        return self.hosts
+
+    def run(self, i: int, *cmd, timeout: float = 60):
+        return run_group([TEST_HOSTS, "run", str(i), *map(str, cmd)], timeout=timeout, env=self.env)
+
+    def lose(self, i: int):
+        """Every process of host i SIGKILLed at once, as when the machine is lost."""
+        r = run_group([TEST_HOSTS, "lose", str(i)], timeout=30, env=self.env)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+    def popen(self, i: int, *cmd, **kwargs):
+        return subprocess.Popen([TEST_HOSTS, "run", str(i), *map(str, cmd)], env={**self.env, **kwargs.pop("env", {})},
+                                start_new_session=True, **kwargs)
+
+    def listeners(self, i: int) -> set:
+        """Every TCP/UDP socket listening on host i now: {(address:port, process name, pid)}."""
+        out = self.run(i, "ss", "-ltunpH", timeout=30).stdout
+        return {(line.split()[4], name, int(pid)) for line in out.splitlines()
+                for name, pid in re.findall(r'\("([^"]+)",pid=(\d+)', line)}
+
+    def down(self):
+        down = run_group([TEST_HOSTS, "down", str(self.state_dir)], timeout=60, env=self.env)
+        assert down.returncode == 0, down.stdout + down.stderr
+
+
 @pytest.fixture
 def test_hosts(tmp_path_factory):
-    """``make(n)`` brings up n test hosts (`cluster/test-hosts.sh`: network namespaces on a private
-    bridge, 198.18.0.i on eth0, each with its own hostname, IPC and /dev/shm) and returns ``[(name, address), ...]``; ``run(i, *cmd, timeout)``
-    runs a command on host i. Everything is removed after the test, also when it fails."""
-    state = tmp_path_factory.mktemp("hosts") / "state"
-    env = {**os.environ, "HOSTS_STATE": str(state)}
-
-    class Hosts:
-        state_dir = state
-
-        def make(self, n: int):
-            up = run_group([TEST_HOSTS, "up", str(n), str(state)], timeout=60, env=env)
-            assert up.returncode == 0, up.stdout + up.stderr
-            rows = (state / "hosts").read_text().split("\n")
-            self.hosts = [tuple(r.split()[1:3]) for r in rows if r.strip()]
-            return self.hosts
-
-        def run(self, i: int, *cmd, timeout: float = 60):
-            return run_group([TEST_HOSTS, "run", str(i), *map(str, cmd)], timeout=timeout, env=env)
-
-        def lose(self, i: int):
-            """Every process of host i SIGKILLed at once, as when the machine is lost."""
-            r = run_group([TEST_HOSTS, "lose", str(i)], timeout=30, env=env)
-            assert r.returncode == 0, r.stdout + r.stderr
-
-        def popen(self, i: int, *cmd, **kwargs):
-            return subprocess.Popen([TEST_HOSTS, "run", str(i), *map(str, cmd)], env={**env, **kwargs.pop("env", {})},
-                                    start_new_session=True, **kwargs)
-
-    hosts = Hosts()
+    """Test hosts (:class:`HostSet`) removed after the test, also when it fails."""
+    hosts = HostSet(tmp_path_factory.mktemp("hosts") / "state")
     try:
         yield hosts
     finally:
-        down = run_group([TEST_HOSTS, "down", str(state)], timeout=60, env=env)
-        assert down.returncode == 0, down.stdout + down.stderr
+        hosts.down()
+
+
+@pytest.fixture(scope="module")
+def module_hosts(tmp_path_factory):
+    """The same, shared by a module's tests (a cluster on them starts once)."""
+    hosts = HostSet(tmp_path_factory.mktemp("hosts") / "state")
+    try:
+        yield hosts
+    finally:
+        hosts.down()

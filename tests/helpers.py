@@ -358,6 +358,33 @@ def assert_same_model(a_dir, b_dir):
         np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=2e-6, err_msg=name)
 
 
+def assert_model_of_one(run_dir, tmp_path, workers=(2,), **sections):
+    """The run in ``run_dir`` (the equivalence job changed by ``sections``, on any number of
+    workers, possibly changing on the way) trained the 1-worker model: Θ and the optimizer's
+    buffers within twice the largest difference that uninterrupted runs on each of ``workers``
+    show from 1 worker for the same job (the N-vs-1 bound grows with the number of steps: about
+    2e-7 after 6, 4e-6 after 300). Returns (that difference, the bound)."""
+    one, _ = final_model(train_dir(tmp_path / "n1", sections))
+    run, meta = final_model(run_dir)
+    assert meta["step"] == final_model(tmp_path / "n1")[1]["step"]
+
+    def distance(theta):
+        return max(float(np.abs(theta[k].astype(np.float64) - one[k]).max()) for k in one)
+    bound = 2 * max(distance(final_model(train_dir(tmp_path / f"n{n}", sections, num_workers=n))[0])
+                    for n in workers)
+    assert set(run) == set(one) and 0 < bound < 1e-4, bound
+    found = distance(run)
+    assert found <= bound, (found, bound)
+    return found, bound
+
+
+def train_dir(out, sections, num_workers=1):
+    """The equivalence job changed by ``sections`` trained in process on ``num_workers`` local workers."""
+    sections = {**sections, "scaling": {**sections.get("scaling", {}), "backend": "local", "num_workers": num_workers}}
+    train_in_process(out, **sections)
+    return out
+
+
 def write_equiv_job(tmp_path, **sections):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job_dict(**sections)))

@@ -102,9 +102,21 @@ def test_an_empty_job_spec_is_refused(tmp_path, capsys, text):
     ("model", {"init": "orthogonal"}, ["model.init", "he, xavier, normal"]),
     ("scaling", {"aggregation": "gossip"}, ["scaling.aggregation", "central, allreduce"]),
     ("scaling", {"backend": "spark"}, ["scaling.backend", "local, mpi, ray"]),
+    ("scaling", {"backend": "ray", "placement": "round-robin"}, ["scaling.placement", "auto, spread or pack"]),
+    ("scaling", {"placement": "spread"}, ["scaling.placement", "scaling.backend: local", "use auto"]),
+    ("failure", {"min_workers": 2}, ["failure.min_workers", "up to scaling.num_workers (1)", "got 2"]),
+    ("failure", {"min_workers": -1}, ["failure.min_workers", "got -1"]),
 ])
 def test_choices_and_ranges_name_the_field(tmp_path, capsys, section, values, needles):
     user_error(capsys, ["run", write_job(tmp_path, **{section: values})], *needles)
+
+
+def test_going_on_with_fewer_workers_is_refused_where_a_launcher_restarts_every_rank(tmp_path, capsys):
+    job = write_job(tmp_path, scaling={"backend": "mpi", "num_workers": 4}, failure={"min_workers": 2})
+    user_error(capsys, ["run", job], "failure.min_workers", "needs scaling.backend: ray", "2 of 4")
+    ray = from_dict({**SMALL, "scaling": {"backend": "ray", "num_workers": 4, "placement": "pack"},
+                     "failure": {"min_workers": 2}})
+    assert (ray.scaling.placement, ray.failure.min_workers) == ("pack", 2)
 
 
 def test_new_keys_have_defaults_so_old_specs_run_unchanged():

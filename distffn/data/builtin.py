@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from ..import_lock import HEAVY_IMPORTS
 from .dataset import DATASETS, IMAGE_SHAPES, Dataset, split
 
 SINE_POINTS = 1000
@@ -15,7 +16,8 @@ def _sklearn(loader: str):
     source = f"scikit-learn (sklearn.datasets.{loader})"
 
     def load(cfg, seed: int) -> Dataset:
-        from sklearn import datasets  # imported lazily: slow, and only these three need it
+        with HEAVY_IMPORTS:           # not beside numba's kernel warm-up: both import SciPy
+            from sklearn import datasets  # imported lazily: slow, and only these three need it
 
         name = cfg.dataset
         bunch = getattr(datasets, loader)()

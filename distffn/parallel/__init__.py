@@ -13,6 +13,7 @@ from .mpi import MPIBackend
 from .mpi_env import check_mpi4py, find_mpiexec
 from .ray_allreduce import RayAllreduceBackend
 from .ray_central import RayCentralBackend
+from .ray_cluster import PLACEMENTS
 from .resources import ray_address
 
 # backend name -> {aggregation: Backend class}
@@ -59,4 +60,4 @@ def make_backend(job, data) -> Backend:
     return BACKENDS.get(job.scaling.backend)[job.scaling.aggregation](job, data)
 
 
-__all__ = ["AUTO", "BACKENDS", "Backend", "aggregations", "make_backend", "resolve_aggregation"]
+__all__ = ["AUTO", "BACKENDS", "PLACEMENTS", "Backend", "aggregations", "make_backend", "resolve_aggregation"]

@@ -146,6 +146,11 @@ class Backend:
         """``{"rank", "host", "pid"}`` of each live worker (RUN_DIR/workers.json)."""
         return [{"rank": r, "host": socket.gethostname(), "pid": os.getpid()} for r in range(self.num_workers)]
 
+    def live_workers(self) -> int:
+        """After a worker failed: how many workers are left that still answer (only Ray's
+        can be fewer than all: elsewhere every worker lives and dies with the run)."""
+        return self.num_workers
+
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every trainer process (only MPI has more than one)."""
         return obj

@@ -3,6 +3,7 @@ sums them, applies the optimizer and returns Θ — one object per step in the o
 read zero-copy by every worker."""
 from __future__ import annotations
 
+import socket
 import time
 
 import numpy as np
@@ -74,6 +75,9 @@ class _AggregatorActor:
         return self.aggregator.state()
 
 
+AGGREGATOR = f"the aggregator on {socket.gethostname()}"       # the driver's node, as placed below
+
+
 class RayCentralBackend(RayBackend):
     """``aggregation: central``: worker actors compute ΔΘ, an aggregator actor updates Θ."""
 
@@ -93,8 +97,12 @@ class RayCentralBackend(RayBackend):
 
     def start(self, theta, optimizer_state, step):
         theta = np.ascontiguousarray(theta, np.float32)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         Agg = self.ray.remote(_AggregatorActor)
-        self.aggregator = Agg.options(num_cpus=0).remote(self.job.optimizer, theta, optimizer_state, step,
+        # beside the driver, which holds the run anyway: the loss of any other node costs
+        # workers only, which a restart (or failure.min_workers) replaces
+        here = NodeAffinitySchedulingStrategy(self.ray.get_runtime_context().get_node_id(), soft=False)
+        self.aggregator = Agg.options(num_cpus=0, scheduling_strategy=here).remote(self.job.optimizer, theta, optimizer_state, step,
                                                          kernels.resolve(self.job.scaling.kernels),
                                                          noise_every(self.job))
         self.theta_ref = self.ray.put(theta)
@@ -113,7 +121,7 @@ class RayCentralBackend(RayBackend):
         """Wait for the aggregator's flag only (ΔΘ and Θ stay in the object store); if it
         fails or is late, name the worker whose ΔΘ failed or is missing, else the aggregator."""
         try:
-            self._get([ok], what, names=["the aggregator"])
+            self._get([ok], what, names=[AGGREGATOR])
         except WorkerFailed:
             done, late = self.ray.wait(grads, num_returns=len(grads), timeout=0, fetch_local=False)
             self._get(done, what, names=[self.name(grads.index(g)) for g in done], timeout=0)
@@ -141,7 +149,7 @@ class RayCentralBackend(RayBackend):
         out = GradNorms()
         for norms in self._get([w.pop_norms.remote() for w in self.workers] + [self.aggregator.pop_norms.remote()],
                                "reporting gradient norms",
-                               names=[self.name(r) for r in range(self.num_workers)] + ["the aggregator"]):
+                               names=[self.name(r) for r in range(self.num_workers)] + [AGGREGATOR]):
             out.add(norms)
         return out
 
@@ -154,13 +162,13 @@ class RayCentralBackend(RayBackend):
 
     def state(self):
         self._drain()
-        return self._get([self.aggregator.state.remote()], "checkpointing", names=["the aggregator"])[0]
+        return self._get([self.aggregator.state.remote()], "checkpointing", names=[AGGREGATOR])[0]
 
     def pop_times(self):
         self._drain()
         compute = np.array(self._get([w.pop_times.remote() for w in self.workers], "reporting times"))
         update = np.array(self._get([self.aggregator.pop_times.remote()], "reporting times",
-                                    names=["the aggregator"])[0])
+                                    names=[AGGREGATOR])[0])
         out, self.times = self.times, StepTimes()
         if compute.size:
             slowest = compute.max(axis=0)

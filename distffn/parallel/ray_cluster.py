@@ -22,6 +22,10 @@ from .backend import Backend
 from .resources import check_cores, note, ray_address
 from .worker import FAULT_ENV
 
+# scaling.placement -> Ray's placement-group strategy. Both are soft: SPREAD still places workers
+# when there are more than nodes (two a node), PACK spills onto another node when one is full.
+PLACEMENTS = {"spread": "SPREAD", "pack": "PACK"}
+
 
 def actor_process() -> dict:
     """Where the calling actor runs: host, pid and Ray node id."""
@@ -155,7 +159,7 @@ class RayBackend(Backend):
         self.job = job
         self.num_workers = job.scaling.num_workers
         self.timeout = job.scaling.timeout_s
-        address = ray_address(job)
+        address = self.address = ray_address(job)
         self.temp_dir = self.watchdog = None
         if address is None:                      # checks that need no engine, before one starts
             check_cores(job)
@@ -198,16 +202,31 @@ class RayBackend(Backend):
         from ray.util.placement_group import placement_group
 
         total = ray.cluster_resources()
-        self.cpus = max(1, int(total.get("CPU", 1)) // n)
+        node_cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+        node_cpus = [c for c in node_cpus if c >= 1] or [int(total.get("CPU", 1))]
+        if job.scaling.placement not in PLACEMENTS:       # auto: spread when there is more than one node
+            job.scaling.placement = "spread" if len(node_cpus) > 1 else "pack"     # recorded in job.yaml
+        # each worker's share of the cores: spread, of the smallest node it shares with the fewest
+        # others; pack, of the largest node, so that all fit there where they can (one node: both
+        # are the node's cores over the workers). Chosen once and recorded in the job: the workers
+        # a restart places after a failure are the same size (the same BLAS threads, the same
+        # sums), so they wait for room rather than squeeze onto the nodes left.
+        if not job.scaling.cpus_per_worker:
+            if job.scaling.placement == "spread":
+                job.scaling.cpus_per_worker = max(1, min(node_cpus) // -(-n // len(node_cpus)))
+            else:
+                job.scaling.cpus_per_worker = max(1, max(node_cpus) // n)
+        self.cpus = job.scaling.cpus_per_worker
         bundle = {"CPU": self.cpus, **({"GPU": 1} if job.scaling.use_gpu else {})}
         missing = {k: v * n - total.get(k, 0) for k, v in bundle.items() if v * n > total.get(k, 0)}
-        if missing:                     # more than the whole cluster has: waiting cannot help
+        # more than the whole Ray has: waiting cannot help on a Ray of this run's own; a cluster
+        # may get nodes (back) within scaling.timeout_s, after a failure or by autoscaling
+        if missing and self.address is None:
             field = "scaling.use_gpu" if "GPU" in missing else "scaling.num_workers"
             raise UserError(f"{field}: the Ray cluster cannot place {n} worker{'s' if n != 1 else ''} with "
                             f"{bundle} each: it lacks " + ", ".join(f"{v:g} {k}" for k, v in missing.items())
                             + f" (cluster resources: {_fmt(total)})")
-        # SPREAD: on a cluster, workers land on different nodes where they can
-        self.pg = placement_group([bundle] * n, strategy="SPREAD")
+        self.pg = placement_group([bundle] * n, strategy=PLACEMENTS[job.scaling.placement])
         deadline = time.monotonic() + self.timeout
         while True:                     # others' work may hold the resources: say what we wait for
             ready, _ = ray.wait([self.pg.ready()], timeout=min(5.0, max(0.0, deadline - time.monotonic())))
@@ -269,6 +288,7 @@ class RayBackend(Backend):
         return ray.get(refs)
 
     hosts: list = []                            # each worker's host, once known
+    nodes: list = []                            # and its Ray node id
 
     def name(self, rank: int) -> str:
         """``worker 1 on HOST``: how messages name a worker."""
@@ -277,7 +297,32 @@ class RayBackend(Backend):
     def worker_processes(self) -> list[dict]:
         found = self._get([w.process.remote() for w in self.workers], "start-up")
         self.hosts = [p["host"] for p in found]
+        self.nodes = [p["node"] for p in found]
         return [dict(rank=r, **p) for r, p in enumerate(found)]
+
+    def live_workers(self) -> int:
+        """After a failure: how many workers still answer within ``scaling.timeout_s``. Where
+        the lost ones' nodes are gone (a lost host), wait (as long again at most) until Ray has
+        noticed, so that placing the survivors counts only the nodes that are there."""
+        ray = self.ray
+        refs = [w.process.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout, fetch_local=True)
+        live = []
+        for rank, ref in enumerate(refs):
+            try:
+                if ref in ready:
+                    ray.get(ref, timeout=0)
+                    live.append(rank)
+            except ray.exceptions.RayError:
+                pass
+        if len(self.nodes) == len(refs):
+            gone = {self.nodes[r] for r in range(len(refs)) if r not in live} - {self.nodes[r] for r in live}
+            deadline = time.monotonic() + self.timeout
+            while gone and time.monotonic() < deadline:
+                if not gone & {node["NodeID"] for node in ray.nodes() if node.get("Alive")}:
+                    break
+                time.sleep(0.5)
+        return len(live)
 
     def close(self):
         ray = self.ray

@@ -38,10 +38,10 @@ class Restored:
 
 
 # What may differ on --resume: where things are and how many workers share the work (N workers
-# give the model of 1), how often to evaluate, checkpoint or log, when to stop early, and the name.
+# give the model of 1), what to do when they fail, how often to evaluate, checkpoint or log, when to stop early, and the name.
 _FREE_TO_CHANGE = {"name", "data.path", "training.eval_every", "training.eval_batch_size",
                    "training.max_steps", "training.target_metric", "training.target_value",
-                   "scaling.*", "metrics.*", "checkpoint.*"}
+                   "scaling.*", "metrics.*", "checkpoint.*", "failure.*"}
 
 
 def trajectory_changes(saved_spec: dict, job) -> list[str]:

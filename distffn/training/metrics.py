@@ -74,6 +74,16 @@ def throughput(samples: int, seconds: float, startup: tuple) -> float | None:
     return round(samples / seconds, 1) if seconds > 0 else None
 
 
+def restart_cost(trainer) -> dict:
+    """What the failure before this life of the run cost: the wall time from the failure to
+    training again (new workers placed and started, the checkpoint read) and the steps done
+    again since the checkpoint, with the error and the workers before and now."""
+    f = trainer.failure
+    return {"error": f["error"], "num_workers_before": f["num_workers"],
+            "num_workers": trainer.backend.num_workers, "down_s": round(time.monotonic() - f["at"], 3),
+            "steps_redone": max(0, f["step"] - trainer.state.step)}
+
+
 class MetricsLog(Extension):
     """``metrics.jsonl``: a ``start`` line, an ``eval`` line per evaluation and an ``epoch``
     line per epoch (with the per-step time breakdown); one console line per epoch; and
@@ -108,7 +118,9 @@ class MetricsLog(Extension):
             "backend": job.scaling.backend, "aggregation": job.scaling.aggregation, "n_train": trainer.n_train, "n_test": trainer.n_test,
             "steps_per_epoch": trainer.steps_per_epoch, "epochs": job.training.epochs, "start_step": state.step,
             "placement": placement, "data_source": trainer.data_source,
-            **({"n_validation": trainer.n_validation} if trainer.n_validation else {})})
+            **({"placement_strategy": job.scaling.placement} if job.scaling.backend == "ray" else {}),
+            **({"n_validation": trainer.n_validation} if trainer.n_validation else {}),
+            **({"restarted_after": restart_cost(trainer)} if getattr(trainer, "failure", None) else {})})
         self.echo(f"{job.name}: {trainer.model.num_params:,} parameters, {trainer.n_train:,} training / "
                   f"{trainer.n_test:,} test samples, {job.training.epochs} epochs of "
                   f"{trainer.steps_per_epoch} steps, {backend.num_workers} worker(s) on {job.scaling.backend}"

@@ -3,6 +3,7 @@ does — evaluation, checkpoints, metrics, progress, the divergence guard — is
 fired by its trigger (:mod:`.extension`)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -68,7 +69,10 @@ class Trainer:
             os.makedirs(self.ckpt_dir, exist_ok=True)
         except OSError as e:
             raise StorageFailed(f"cannot write the run folder {self.out_dir}: {e.strerror or e}") from None
-        write_atomic(os.path.join(self.out_dir, JOB_FILE), self.job.to_yaml())
+        # the spec as asked for: how many workers each life of the run had is in metrics.jsonl
+        asked = dataclasses.replace(self.job, scaling=dataclasses.replace(
+            self.job.scaling, num_workers=getattr(self, "requested_workers", self.job.scaling.num_workers)))
+        write_atomic(os.path.join(self.out_dir, JOB_FILE), asked.to_yaml())
         metrics = os.path.join(self.out_dir, "metrics.jsonl")
         torn = drop_torn_tail(metrics)
         if torn:
@@ -104,7 +108,9 @@ class Trainer:
         # everything that needs no engine is checked before one starts
         check_memory(job, self.model, len(buffers), workers_on_this_node(job))
         check_run_dir(self.out_dir, self.resume, self.require_checkpoint)
-        failures, limit = 0, job.failure.max_failures
+        self.failures, limit = 0, job.failure.max_failures
+        self.requested_workers = job.scaling.num_workers
+        self.failure = None         # the failure this life of the run follows (its start record says what it cost)
         while True:
             try:
                 return self._attempt(data, checkpointer)
@@ -116,17 +122,29 @@ class Trainer:
                         raise WorkerFailed(f"{e}; under an external mpiexec nothing restarts the ranks: "
                                            f"run the same command again with --resume") from None
                     raise                       # distffn's launcher restarts the ranks
-                if limit != -1 and failures >= limit:
-                    raise
-                failures += 1
-                note(f"{e}; restart {failures} of {'unlimited' if limit == -1 else limit} "
-                     f"(failure.max_failures) from the newest checkpoint")
+                n, k = job.scaling.num_workers, job.failure.min_workers
+                if k and k <= self.live_workers < n:
+                    # elastic: the same global batch split over those left gives the same model
+                    # (N workers train the model of 1), so nobody waits for a replacement
+                    note(f"{e}; going on with the {self.live_workers} workers left of {n} "
+                         f"(failure.min_workers: {k}) from the newest checkpoint; the global batch "
+                         f"stays {job.training.batch_size}")
+                    job.scaling.num_workers = self.live_workers
+                else:
+                    if limit != -1 and self.failures >= limit:
+                        raise
+                    self.failures += 1
+                    note(f"{e}; restart {self.failures} of {'unlimited' if limit == -1 else limit} "
+                         f"(failure.max_failures) from the newest checkpoint")
+                state = getattr(self, "state", None)
+                self.failure = {"error": str(e), "at": self.failed_at or time.monotonic(), "num_workers": n,
+                                "step": state.step if state is not None else 0}
                 self.resume = True
 
     def _attempt(self, data, checkpointer) -> dict:
         """One life of the backend: start (fresh or from the newest checkpoint), train, close."""
         job = self.job
-        self.backend = None
+        self.backend, self.live_workers, self.failed_at = None, 0, None
         self.backend = backend = make_backend(job, data)
         self.is_root = backend.is_root
         try:
@@ -159,6 +177,14 @@ class Trainer:
                                   f"which is checkpointed in {self.ckpt_dir}; continue with: "
                                   f"{self.resume_command}", self._signal)
             return self.summary
+        except WorkerFailed:
+            self.failed_at = time.monotonic()
+            # who is left to go on with; on Ray this also waits until a lost node is known to be
+            # gone, so that the workers placed next are not placed there
+            limit = job.failure.max_failures
+            if 0 < job.failure.min_workers < job.scaling.num_workers or limit == -1 or self.failures < limit:
+                self.live_workers = backend.live_workers()
+            raise
         finally:
             backend.close()
 

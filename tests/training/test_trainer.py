@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 
 from distffn.jobspec import from_dict
 from distffn.training import Extension, IntervalTrigger, Trainer
@@ -21,6 +22,8 @@ from distffn.training.checkpoint import load_checkpoint
 
 from helpers import (
     StopAt,
+    assert_model_of_one,
+    final_model,
     final_params,
     interrupted_copy,
     job_dict,
@@ -253,6 +256,29 @@ def test_a_killed_ray_worker_is_replaced_and_the_run_ends_bit_for_bit(tmp_path, 
     assert final_params(full)[1]["step"] == final_params(cut)[1]["step"] == 900
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_elastic_a_run_that_loses_a_worker_goes_on_with_those_left_and_keeps_the_model(tmp_path):
+    """failure.min_workers: 2 of 3: SIGKILL worker 1 mid-run; the run goes on at once with the 2
+    left, from the newest checkpoint, the global batch unchanged, and its model equals the
+    1-worker run's within the N-vs-1 bound; the start record of the second life says what the
+    loss cost (and job.yaml still asks for 3)."""
+    sections = dict(training={"epochs": 100}, checkpoint={"every_steps": 30, "num_to_keep": 2})
+    job = write_equiv_job(tmp_path, **sections, failure={"min_workers": 2},
+                          scaling={"backend": "ray", "num_workers": 3, "aggregation": "central", "timeout_s": 20})
+    cut = tmp_path / "cut"
+    r, _ = kill_a_worker_mid_run([sys.executable, "-m", "distffn", "run", job, "--no-progress", "--out", str(cut)],
+                                 str(cut))
+    assert r.returncode == 0, r.stderr
+    assert "going on with the 2 workers left of 3 (failure.min_workers: 2)" in r.stderr and "restart" not in r.stderr
+    starts = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines() if '"start"' in line]
+    assert [s["num_workers"] for s in starts] == [3, 2]
+    cost = starts[1]["restarted_after"]
+    assert cost["num_workers_before"] == 3 and cost["num_workers"] == 2 and "worker 1" in cost["error"]
+    assert cost["down_s"] > 0 and 0 <= cost["steps_redone"] < 30 + 3
+    assert from_dict(yaml.safe_load((cut / "job.yaml").read_text())).scaling.num_workers == 3
+    assert final_model(cut)[1]["step"] == 300
+    assert_model_of_one(cut, tmp_path, workers=(3, 2), **sections)
 
 
 def test_without_max_failures_a_killed_ray_worker_fails_fast_naming_it(tmp_path):
