@@ -34,16 +34,13 @@ SINGLE_NODE_ENV = {"UCX_TLS": "self,sm"}          # shared memory only: nothing 
 MPI_RESULT_ENV = "DISTFFN_MPI_RESULT"
 
 
-def network_defaults(interface: str | None) -> dict:
-    """UCX settings for MPI traffic: shared memory only without an interface, else shared
-    memory within a node and TCP on ``interface`` between nodes."""
-    return dict(SINGLE_NODE_ENV) if interface is None else {"UCX_TLS": "self,sm,tcp", "UCX_NET_DEVICES": interface}
-
-
 def network_env(interface: str | None) -> dict:
-    """:func:`network_defaults`, where settings the user exported win (``UCX_TLS``,
-    ``UCX_NET_DEVICES``)."""
-    return {k: os.environ.get(k, v) for k, v in network_defaults(interface).items()}
+    """UCX settings for MPI traffic: shared memory only without an interface, else shared
+    memory within a node and TCP on ``interface`` between nodes. Settings the user exported
+    win (``UCX_TLS``, ``UCX_NET_DEVICES``)."""
+    wanted = dict(SINGLE_NODE_ENV) if interface is None else {"UCX_TLS": "self,sm,tcp",
+                                                             "UCX_NET_DEVICES": interface}
+    return {k: os.environ.get(k, v) for k, v in wanted.items()}
 
 
 def check_mpi4py():

@@ -28,7 +28,6 @@ from typing import Iterator, Optional
 from ..errors import UserError
 from ..files import write_atomic
 from ..jobspec import validate
-from ..parallel.mpi_env import network_defaults
 from ..parallel.resources import note
 from .records import PRIVATE_FILE, stage_dir
 from .scheduler import (
@@ -228,7 +227,7 @@ class Slurm(Scheduler):
         s, n = job.scaling, self.ranks
         if self.profile.nodes > 1 and not s.interface:
             # the ranks send their gradients between nodes by MPI: over a network the user names,
-            # never a guessed one (as for Ray's allreduce on a cluster)
+            # never a guessed one (each rank keeps UCX to it: parallel.launch)
             raise UserError(f"scaling.interface: a job on {self.profile.nodes} nodes ({self.source}) "
                             f"moves its gradients by MPI between them; name the network interface "
                             f"it may use on the nodes (e.g. eth0 or ib0)")
@@ -255,11 +254,7 @@ class Slurm(Scheduler):
         # of one). srun answers SIGTERM by ending the step (its tasks SIGKILLed after KillWait)
         # without passing it on, but passes SIGUSR1 on, and the run takes SIGUSR1 as a forwarded
         # SIGTERM (scancel and requeue also SIGTERM the tasks themselves, through their slurmstepd)
-        # UCX (the pip MPICH's network layer) on scaling.interface between the nodes, unless the
-        # job's environment already says otherwise (srun passes its environment to the tasks)
-        network = " ".join(f"{k}=${{{k}:-{shlex.quote(v)}}}"
-                           for k, v in network_defaults(job.scaling.interface).items())
-        launch = run if p.nodes == 1 else f"{network} srun --kill-on-bad-exit=1 --mpi=pmi2 {run}"
+        launch = run if p.nodes == 1 else f"srun --kill-on-bad-exit=1 --mpi=pmi2 {run}"
         forward = "TERM" if p.nodes == 1 else "USR1"
         # quoted as a shell word, which sbatch's #SBATCH parser also reads as one argument
         # (quotes and backslashes as in a shell; an unquoted # would start a comment there)

@@ -55,7 +55,7 @@ class TwoHostSlurm:
 
     def slurm(self, action, timeout):
         env = {**self.env, "DISTFFN_SLURM_NODES": " ".join(f"{name}={addr}" for name, addr in self.nodes),
-               "DISTFFN_SLURM_ON": f"{TEST_HOSTS} run %i", "DISTFFN_SLURM_KILLWAIT": "10",
+               "DISTFFN_SLURM_ON": f"{TEST_HOSTS} run %i", "DISTFFN_SLURM_KILLWAIT": "20",
                "DISTFFN_SLURM_CRED_EXPIRE": "5"}
         return run_group([SLURM_CLUSTER, action, self.state], timeout=timeout, env=env)
 
@@ -133,7 +133,7 @@ def test_a_job_on_two_nodes_places_a_rank_on_each_and_trains_the_one_worker_mode
                                                                                    tmp_path):
     job_id = submit(client, write(tmp_path))
     status = wait_for(client, job_id, lambda s: s["state"] in FINISHED)
-    assert status["state"] == "SUCCEEDED", (status, client("logs", job_id).stdout)
+    assert status["state"] == "SUCCEEDED", f"{status}\n{client('logs', job_id).stdout}"
     run_dir = status["run_dir"]
     names = [name for name, _ in cluster.nodes]
     workers = json.load(open(os.path.join(run_dir, "workers.json")))
@@ -149,11 +149,8 @@ def test_stop_checkpoints_the_current_step_on_both_nodes(client, cluster, tmp_pa
     status = wait_for(client, job_id, running_past(30))
     assert status["state"] == "RUNNING", status
     run_dir = status["run_dir"]
-    # while it runs: the ranks' MPI goes over eth0, and nothing on either host listens beyond
-    # the host's own address (SLURM's daemons, srun, slurmstepd and the ranks alike)
-    for w in json.load(open(os.path.join(run_dir, "workers.json"))):
-        environ = open(f"/proc/{w['pid']}/environ", "rb").read().split(b"\0")
-        assert b"UCX_NET_DEVICES=eth0" in environ and b"UCX_TLS=self,sm,tcp" in environ, w
+    # while it runs, nothing on either host listens beyond the host's own address: SLURM's
+    # daemons, srun and the ranks alike (MPI kept to eth0: UCX left to itself also listens on lo)
     for i, (_, address) in enumerate(cluster.nodes, 1):
         listening = cluster.hosts.listeners(i)
         rank = os.path.basename(sys.executable)[:15]             # its name as ss shows it (comm)
@@ -163,8 +160,8 @@ def test_stop_checkpoints_the_current_step_on_both_nodes(client, cluster, tmp_pa
     assert r.returncode == 0 and r.stdout.startswith("STOPPED "), r.stdout + r.stderr
     status = wait_for(client, job_id, lambda s: s["state"] in FINISHED)
     assert status["state"] == "STOPPED" and "CANCELLED" in status["detail"], status
-    assert "exit code 143" in status["detail"]
     logs = client("logs", job_id).stdout
+    assert "exit code 143" in status["detail"], f"{status}\n{logs}"
     for rank, (host, _) in enumerate(cluster.nodes):              # each ended itself, none was killed
         assert f"{host}: task {rank}: Exited with exit code 143" in logs, logs[-2000:]
     steps = sorted(int(n[5:13]) for n in os.listdir(os.path.join(run_dir, "checkpoints")))

@@ -155,33 +155,6 @@ def test_a_run_directory_sbatch_would_read_as_a_pattern_is_refused(tmp_path, run
         scheduler.check(record, "--out")
 
 
-def test_across_nodes_srun_starts_the_ranks_with_mpi_on_the_named_interface(hostile, monkeypatch):
-    """nodes > 1: the batch script runs the command under `srun --mpi=pmi2` (a stand-in srun on
-    PATH prints what it was given), with UCX on scaling.interface unless the job's environment
-    names its own."""
-    scheduler, record, job, tmp_path = hostile
-    monkeypatch.setenv("DISTFFN_HOME", str(tmp_path / "home"))
-    scheduler.profile.nodes, job.scaling.interface = 2, HOSTILE
-    path = tmp_path / "job.sbatch"
-    path.write_text(scheduler.render(record, job))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f"#!{sys.executable}\nimport json, os, sys\nprint(json.dumps([sys.argv[1:3], "
-                                  f"os.environ['UCX_TLS'], os.environ['UCX_NET_DEVICES']]))\n")
-    (bin_dir / "srun").chmod(0o755)
-    work = tmp_path / "work"
-    work.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "UCX_"))}
-    env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    for exported, expected in (({}, ("self,sm,tcp", HOSTILE)),
-                               ({"UCX_TLS": "self,tcp", "UCX_NET_DEVICES": "ib0"}, ("self,tcp", "ib0"))):
-        r = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=60, cwd=work,
-                           env={**env, **exported})
-        assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout) == [["--kill-on-bad-exit=1", "--mpi=pmi2"], *expected]
-    assert not list(tmp_path.rglob("PWNED"))
-
-
 def test_a_job_on_several_nodes_must_name_its_network_interface(tmp_path):
     scheduler = from_dict({"kind": "slurm", "nodes": 2}, str(tmp_path / "p.yaml"))
     with pytest.raises(UserError, match=r"^scaling.interface: a job on 2 nodes .* name the network interface"):
