@@ -5,7 +5,8 @@
 # Each host also has a hostname, System V IPC and a /dev/shm of its own (UTS, IPC and mount
 # namespaces, held by one process per host): processes on two hosts share no memory, so MPI and
 # Ray cannot take them for neighbours on one machine (they would try shared memory and hang).
-# The rest of the filesystem is shared, like a cluster's shared filesystem. Needs root,
+# Each host's /etc/hosts names every host of the set. The rest of the filesystem is shared, like
+# a cluster's shared filesystem. Needs root,
 # iproute2 and util-linux (unshare, nsenter).
 #
 #   cluster/test-hosts.sh up N [STATE_DIR]     make hosts 1..N (default STATE_DIR /tmp/distffn-hosts)
@@ -83,6 +84,13 @@ up() {
         done && break
         sleep 0.1
     done
+    # every host's name resolves to its address on every host, as on a cluster (SLURM's daemons
+    # and srun bind the address of their hostname): an /etc/hosts of the set, bind-mounted in each
+    # host's own mount namespace (the machine's own /etc/hosts is untouched)
+    { echo "127.0.0.1 localhost"; awk '{print $3, $2}' "$state/hosts"; } >"$state/etc-hosts"
+    awk '{print $4}' "$state/hosts" | while read -r pid; do
+        nsenter --target "$pid" --mount mount --bind "$state/etc-hosts" /etc/hosts
+    done
     trap - ERR
     echo "$n test hosts up: $(awk '{s = s (NR > 1 ? ", " : "") $2 "=" $3} END {print s}' "$state/hosts") on $IFACE"
     echo "run on host I: HOSTS_STATE=$state $0 run I CMD..."
@@ -132,7 +140,7 @@ down() {
     while read -r ns; do
         ip netns del "$ns" 2>/dev/null || true
     done <"$state/namespaces"
-    rm -f "$state/namespaces" "$state/hosts"
+    rm -f "$state/namespaces" "$state/hosts" "$state/etc-hosts"
     rmdir "$state" 2>/dev/null || true
     echo "test hosts removed"
 }

@@ -38,14 +38,6 @@ class TwoHostSlurm:
         self.hosts = hosts
         self.nodes = hosts.make(2)
         self.env = {**hosts.env, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-        # each host's name resolves to its address on every host, as on a cluster (srun and
-        # slurmstepd bind the address of their hostname): an /etc/hosts of their own, mounted in
-        # each host's private mount namespace (the machine's own /etc/hosts is untouched)
-        names = tmp / "etc-hosts"
-        names.write_text("127.0.0.1 localhost\n" + "".join(f"{addr} {name}\n" for name, addr in self.nodes))
-        for i in (1, 2):
-            r = self.on_host(i, "mount", "--bind", names, "/etc/hosts")
-            assert r.returncode == 0, r.stderr
         # munged wants every folder above its socket searchable by all (pytest's are 0700)
         self.state = tempfile.mkdtemp(prefix="distffn-slurm2-", dir="/tmp")
         os.chmod(self.state, 0o755)
