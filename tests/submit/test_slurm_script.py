@@ -159,3 +159,48 @@ def test_a_job_on_several_nodes_must_name_its_network_interface(tmp_path):
     scheduler = from_dict({"kind": "slurm", "nodes": 2}, str(tmp_path / "p.yaml"))
     with pytest.raises(UserError, match=r"^scaling.interface: a job on 2 nodes .* name the network interface"):
         scheduler.adapt(load_job(write_job(tmp_path)))
+
+
+# the run's "distffn" for the next test: each call takes the next exit code from OUTCOMES; a
+# code with "+" writes a start line first (the workers came up), as a real run does
+FAKE_RUN = """
+import os, sys
+calls = os.path.join(os.environ["WORK"], "calls")
+n = len(open(calls).read()) if os.path.exists(calls) else 0
+open(calls, "a").write("x")
+code = os.environ["OUTCOMES"].split()[n]
+run_dir = sys.argv[sys.argv.index("--out") + 1]
+if code.endswith("+"):
+    os.makedirs(run_dir, exist_ok=True)
+    open(os.path.join(run_dir, "metrics.jsonl"), "a").write('{"event": "start"}\\n')
+sys.exit(int(code.rstrip("+")))
+"""
+
+
+@pytest.mark.parametrize("nodes, outcomes, calls, code", [
+    (2, "9 0+", 2, 0),          # the MPI world did not form: srun again, then the run went through
+    (2, "9 9 9 0+", 3, 9),      # twice again at most
+    (2, "0+ 1+", 1, 0),
+    (2, "1+ 0+", 1, 1),         # a run that failed after its workers started is not started again
+    (2, "2 0+", 1, 2),          # nor one that refused its input
+    (1, "9 0+", 1, 9),          # on one node distffn's own mpiexec starts the ranks
+])
+def test_ranks_that_end_before_their_workers_start_are_started_again(tmp_path, nodes, outcomes, calls, code):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\nwhile [ "${1#-}" != "$1" ]; do shift; done\nexec "$@"\n')
+    (bin_dir / "srun").chmod(0o755)
+    (tmp_path / "fake_run.py").write_text(FAKE_RUN)
+    raw = {"kind": "slurm", "nodes": nodes, "tasks_per_node": 1, "command": f"{sys.executable} {tmp_path / 'fake_run.py'}"}
+    scheduler = from_dict(raw, str(tmp_path / "p.yaml"))
+    record = JobRecord(id="r-1", kind="slurm", profile_path="p", profile=raw, run_dir=str(tmp_path / "run"),
+                       job_path="j", submitted="")
+    script = tmp_path / "job.sbatch"
+    script.write_text(scheduler.render(record, load_job(write_job(tmp_path, scaling={"interface": "eth0"}))))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "WORK": str(tmp_path), "OUTCOMES": outcomes,
+           "DISTFFN_HOME": str(tmp_path / "home")}
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert (r.returncode, len((tmp_path / "calls").read_text())) == (code, calls), r.stdout + r.stderr
+    again = [line for line in r.stdout.splitlines() if "starting them again" in line]
+    assert len(again) == calls - 1, r.stdout
