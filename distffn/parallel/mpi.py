@@ -40,6 +40,33 @@ def _poll(polls: int) -> int:
     return polls + 1
 
 
+def usable_cores() -> frozenset:
+    """The cores this process may run on: its CPU affinity, which mpiexec's binding
+    (``-bind-to core``), SLURM's task binding or a cpuset narrow; ``os.cpu_count()`` would
+    count every core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return frozenset(os.sched_getaffinity(0))
+    return frozenset(range(os.cpu_count() or 1))
+
+
+def exported_threads() -> int | None:
+    """The BLAS threads the user asked every rank for (``mpiexec -genv OMP_NUM_THREADS 1``:
+    OPENBLAS_NUM_THREADS, else OMP_NUM_THREADS, a positive integer), else None."""
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+def blas_threads_per_rank(mine: frozenset, node: list) -> int:
+    """BLAS threads for a rank that may run on the cores ``mine``, among ranks on its node that
+    may run on ``node`` (its own included): its cores shared with the ranks whose cores overlap
+    them (all of them when nobody binds; none but itself when each rank has cores of its own)."""
+    sharing = sum(1 for theirs in node if theirs & mine)
+    return max(1, len(mine) // max(1, sharing))
+
+
 class WorkerTimeout(WorkerFailed):
     """Some ranks did not reach a step within ``scaling.timeout_s``."""
 
@@ -82,10 +109,12 @@ class MPIBackend(Backend):
         self._wanted_stop = signum
 
     def _limit_blas_threads(self, per_rank: int | None):
-        """One BLAS thread pool per core: N ranks on one node share its cores."""
+        """One BLAS thread per core: the ranks on a node share the cores they may run on, unless
+        the user exported a thread count (as for any MPI program)."""
         if per_rank is None:
             local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
-            per_rank = max(1, (os.cpu_count() or 1) // local.Get_size())
+            mine = usable_cores()
+            per_rank = exported_threads() or blas_threads_per_rank(mine, local.allgather(mine))
             local.Free()
         self._threads = limit_blas_threads(per_rank)
 

@@ -5,7 +5,9 @@ host file naming both hosts, one rank on each, its proxy on host 2 started throu
 
 Two ranks on two hosts train the 1-worker model in both aggregation modes; the ranks' MPI
 listeners are on their host's eth0 address only (not loopback, not every address); SIGTERM to
-mpiexec stops both ranks after the same step, checkpointed."""
+mpiexec stops both ranks after the same step, checkpointed. Ranks bound to cores of their own
+(`mpiexec -bind-to core`, `taskset`, SLURM's binding) take one BLAS thread per core they may use,
+or as many as the user exported (`-genv OMP_NUM_THREADS 1`: test hosts share this machine's cores)."""
 from __future__ import annotations
 
 import json
@@ -18,6 +20,8 @@ import time
 
 import pytest
 import yaml
+
+from distffn.parallel.mpi import blas_threads_per_rank, exported_threads
 
 from helpers import MPIEXEC, REPO, assert_same_model, job_dict, needs_mpi
 
@@ -38,8 +42,9 @@ def hosts(module_hosts, tmp_path_factory):
 
 def mpiexec_on_host_1(hosts, job, out, *sets) -> list:
     """`mpiexec -f HOSTFILE` (hydra, ssh launcher = the test hosts' one) of `distffn run`, as typed on host 1."""
+    # one BLAS thread a rank: each test host counts this machine's cores as its own
     return [MPIEXEC, "-f", hosts.hostfile, "-launcher", "ssh", "-launcher-exec", LAUNCHER, "-iface", "eth0",
-            "-n", "2", sys.executable, "-m", "distffn", "run", job, "--out", out, "--no-progress",
+            "-genv", "OMP_NUM_THREADS", "1", "-n", "2", sys.executable, "-m", "distffn", "run", job, "--out", out, "--no-progress",
             "--set", "scaling.backend=mpi", "--set", "scaling.interface=eth0", *(x for s in sets for x in ("--set", s))]
 
 
@@ -97,3 +102,30 @@ def test_mpi_keeps_to_the_named_interface_and_sigterm_stops_both_hosts_at_one_st
     step = json.loads((out / "summary.json").read_text())["step"]
     assert run.returncode == 143 and f"stopped by SIGTERM after step {step}," in err, err
     assert sorted(os.listdir(out / "checkpoints"))[-1] == f"step-{step:08d}.npz"
+
+
+def test_blas_threads_follow_the_cores_a_rank_may_run_on():
+    """Threads per rank from its CPU affinity and those of the ranks on its node: the node's
+    cores shared when nobody binds, a rank's own cores when each has its own (os.cpu_count()
+    would give each of two ranks bound to one core each the machine's every core)."""
+    both, first, second = frozenset({0, 1}), frozenset({0}), frozenset({1})
+    assert blas_threads_per_rank(both, [both, both]) == 1            # unbound, 2 ranks on 2 cores
+    assert blas_threads_per_rank(both, [both]) == 2                  # alone on the node
+    assert blas_threads_per_rank(first, [first, second]) == 1        # bound: its own core
+    assert blas_threads_per_rank(first, [first]) == 1                # one rank a host, bound to one core
+    four = frozenset(range(4))
+    assert blas_threads_per_rank(four, [four, frozenset(range(4, 8))]) == 4     # 4 cores each (srun -c 4)
+    assert blas_threads_per_rank(four, [four] * 8) == 1                         # oversubscribed: at least 1
+
+
+def test_an_exported_thread_count_wins(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert exported_threads() is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert exported_threads() == 3
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")         # OpenBLAS's own variable first
+    assert exported_threads() == 1
+    for junk in ("0", "", "two"):
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", junk)
+        assert exported_threads() == 3
