@@ -50,6 +50,11 @@ _register("ib-hdr", 1e-6, 200, "InfiniBand HDR: α = 1 µs, β = 0.04 ns/B (200 
           "α: NVIDIA ConnectX-6 datasheet, < 1 µs MPI latency)")
 _register("nvlink", 3e-6, 2400, "NVLink 3 (A100, in one node): α = 3 µs, β = 0.0033 ns/B (300 GB/s "
           "per direction, NVIDIA A100 datasheet; α: NCCL's small-message latency, typical)")
+# Measured, not a line rate: two test hosts of cluster/test-hosts.sh (network namespaces on one
+# machine, a veth pair each to a Linux bridge), TCP between them over eth0
+_register("veth-local", 5.8e-6, 10.8, "two test hosts' veth link (network namespaces on a Linux bridge, "
+          "cluster/test-hosts.sh): α = 5.8 µs, β = 0.74 ns/B (measured 2026-12-04 by python bench/bench_hosts.py: "
+          "half the median TCP round trip of 64 B; the median bulk TCP stream, 1.35 GB/s)")
 
 
 def communication_seconds(n_bytes: float, workers: int, net: Network, aggregation: str = "allreduce") -> float:
@@ -101,10 +106,13 @@ def fit_step_model(one_worker: dict[int, float], n_bytes: int) -> StepModel:
     return StepModel(float(fixed), float(per_sample), n_bytes)
 
 
-def fit_sync(model: StepModel, measured: dict[tuple[int, int], float]) -> StepModel:
+def fit_sync(model: StepModel, measured: dict[tuple[int, int], float], net: Network | None = None,
+             aggregation: str = "allreduce") -> StepModel:
     """``model`` with ``sync`` set to the median of what the measured N > 1 step times
-    ``{(B, N): seconds}`` add to the fitted compute (0 without any)."""
-    extra = [max(0.0, s - model.compute_seconds(b, n)) for (b, n), s in measured.items() if n > 1]
+    ``{(B, N): seconds}`` add to the fitted compute (0 without any); with ``net``, the link
+    the runs were measured over, what they add beyond its communication too."""
+    link = (lambda n: communication_seconds(model.n_bytes, n, net, aggregation)) if net else (lambda n: 0.0)
+    extra = [max(0.0, s - model.compute_seconds(b, n) - link(n)) for (b, n), s in measured.items() if n > 1]
     model.sync = float(np.median(extra)) if extra else 0.0
     return model
 

@@ -35,7 +35,7 @@ def test_ring_allreduce_and_central_costs():
 
 
 def test_every_network_preset_is_documented_with_positive_alpha_and_beta():
-    assert set(NETWORKS) >= {"10gbe", "25gbe", "100gbe", "ib-hdr", "nvlink"}
+    assert set(NETWORKS) >= {"10gbe", "25gbe", "100gbe", "ib-hdr", "nvlink", "veth-local"}
     for name, net in NETWORKS.items():
         assert net.alpha > 0 and net.beta > 0 and "β" in NETWORKS.doc(name) and "α" in NETWORKS.doc(name)
     # faster links move a byte faster
@@ -54,6 +54,31 @@ def test_the_compute_fit_recovers_fixed_and_per_sample_costs():
     net = NETWORKS.get("ib-hdr")
     assert model.step_seconds(64, 4, net) == pytest.approx(
         2e-4 + 16 * 3e-6 + 5e-4 + communication_seconds(400, 4, net))
+
+
+def test_the_measured_veth_link_is_a_preset_that_says_how_to_measure_it_again():
+    """veth-local: two test hosts' veth link as bench/bench_hosts.py measured it, not a line rate."""
+    veth = NETWORKS.get("veth-local")
+    assert "bench/bench_hosts.py" in NETWORKS.doc("veth-local")
+    # a link inside one machine: a lower latency than kernel TCP over Ethernet, but a bandwidth
+    # below 25 GbE's line rate (one core copies every byte twice)
+    assert veth.alpha < NETWORKS.get("10gbe").alpha and NETWORKS.get("25gbe").beta < veth.beta
+    assert fit_sync(StepModel(0.0, 0.0, 1000), {(8, 2): 1.0}, net=veth).sync < 1.0
+
+
+def test_the_sync_fitted_over_a_measured_link_leaves_out_the_links_own_cost():
+    """Step times measured over a link hold its communication: fitted with ``net``, ``sync`` is
+    what they add beyond compute and that link, so the model gives the measured times back."""
+    model = StepModel(fixed=2e-4, per_sample=3e-6, n_bytes=3_000_000)
+    net = Network(alpha=8e-6, beta=6e-10)
+    for aggregation in ("allreduce", "central"):
+        measured = {(b, 2): model.compute_seconds(b, 2) + 4e-3 + communication_seconds(3_000_000, 2, net, aggregation)
+                    for b in (128, 512)}
+        fitted = fit_sync(StepModel(2e-4, 3e-6, 3_000_000), measured, net=net, aggregation=aggregation)
+        assert fitted.sync == pytest.approx(4e-3, rel=1e-9)
+        assert fitted.step_seconds(512, 2, net, aggregation) == pytest.approx(measured[(512, 2)], rel=1e-9)
+        # without the link, its cost lands in sync
+        assert fit_sync(StepModel(2e-4, 3e-6, 3_000_000), measured).sync > 4e-3
 
 
 def test_worker_counts_are_powers_of_two_up_to_the_batch_and_1024():
