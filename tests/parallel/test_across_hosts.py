@@ -41,7 +41,7 @@ class TwoHostRay:
         (self.h1, self.a1), (self.h2, self.a2) = hosts.make(2)
         self.state = tmp / "head"
         self.head_env = {"RAY_HEAD_HOST": self.a1, "RAY_HEAD_PORT": str(GCS), "RAY_DASHBOARD_PORT": str(DASHBOARD),
-                         "RAY_AGENT_PORT": str(AGENT), "START_TIMEOUT_S": "240", "RAY_HEAD_CPUS": "2",
+                         "RAY_AGENT_PORT": str(AGENT), "START_TIMEOUT_S": "240", "RAY_HEAD_CPUS": "2", "STOP_GRACE_S": "3",
                          "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
         self.client = {"PATH": self.head_env["PATH"], "RAY_AUTH_MODE": "token",
                        "RAY_AUTH_TOKEN_PATH": str(self.state / "auth_token"), "RAY_USAGE_STATS_ENABLED": "0"}

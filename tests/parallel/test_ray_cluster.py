@@ -1,11 +1,9 @@
 """Ray, both aggregation modes: N actors give the model of 1 worker; failures end the job fast, named; a two-node cluster."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 
@@ -20,7 +18,6 @@ from helpers import (
     assert_cpus_released,
     assert_same_model,
     job_dict,
-    processes_in_sessions,
     run_group,
     run_ray_cli,
     train_in_process,
@@ -98,31 +95,6 @@ def test_a_busy_cluster_says_what_the_job_waits_for(ray_instance, tmp_path, caps
     assert "did not place 2 workers" in err and "within scaling.timeout_s=6 s" in err
     assert 6 <= seconds < 30
     assert_cpus_released(ray_instance)
-
-
-@pytest.mark.parametrize("mode", ["central", "allreduce"])
-def test_two_node_ray_cluster_on_loopback(tmp_path, ray_instance, reference, mode):
-    """`ray start --head` plus a second `ray start --address` in a private network namespace
-    (loopback only): the job's workers (placement group, SPREAD) land on both nodes, train to
-    the 1-worker model (allreduce: over MPI between the nodes), and everything is torn down
-    afterwards."""
-    assert shutil.which("unshare") and subprocess.run(["unshare", "--net", "true"]).returncode == 0, \
-        "needs `unshare --net` (util-linux, root) for a loopback-only network namespace"
-    ray_instance.shutdown()                          # free the cores; this test runs its own
-    script = os.path.join(os.path.dirname(__file__), "..", "..", "cluster", "local-two-node.sh")
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)     # multi-node needs Ray's default
-    out = tmp_path / "run"
-    r = run_group(["unshare", "--net", "bash", script, write_equiv_job(tmp_path), "--out", str(out),
-                   "--no-progress", "--set", f"scaling.aggregation={mode}"], timeout=300, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "two-node Ray cluster at 127.0.0.1:" in r.stdout
-    start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert start["num_workers"] == 2 and len(set(start["placement"])) == 2
-    assert_same_model(reference, out)
-    # torn down: no process is left in the sessions the script started (by session id, not by name)
-    sessions = {int(x) for x in r.stdout.split("node sessions:")[1].splitlines()[0].split()}
-    assert len(sessions) == 2 and not processes_in_sessions(sessions, within_s=10)
 
 
 def test_embedded_ray_ignores_a_stale_cluster_and_keeps_to_itself(tmp_path):

@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-import yaml
 
 from distffn.jobspec import from_dict
 from distffn.training import Extension, IntervalTrigger, Trainer
@@ -22,8 +21,6 @@ from distffn.training.checkpoint import load_checkpoint
 
 from helpers import (
     StopAt,
-    assert_model_of_one,
-    final_model,
     final_params,
     interrupted_copy,
     job_dict,
@@ -206,7 +203,7 @@ def test_a_signal_checkpoints_and_resume_continues_bit_for_bit(tmp_path, sig, co
     """SIGTERM (preemption, scancel, ray job stop) or SIGINT: a checkpoint at the current step,
     exit 128 + signal with the command that continues; that command ends where an uninterrupted
     run ends. On MPI the launcher passes the signal to the ranks, which agree on one step."""
-    job = write_equiv_job(tmp_path, training={"epochs": 400})
+    job = write_equiv_job(tmp_path, training={"epochs": 150})
     cut, full = tmp_path / "cut", tmp_path / "full"
     cmd = [sys.executable, "-m", "distffn", "run", job, "--no-progress", *scaling]
     p = subprocess.Popen(cmd + ["--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -224,7 +221,7 @@ def test_a_signal_checkpoints_and_resume_continues_bit_for_bit(tmp_path, sig, co
     assert p.returncode == code, err
     step = ckpt.list_checkpoints(str(cut / "checkpoints"))[-1][0]
     assert f"stopped by {signal.Signals(sig).name} after step {step}" in err and "Traceback" not in err
-    assert 0 < step < 1200                                         # mid-run, not the end
+    assert 0 < step < 450                                          # mid-run, not the end
     resume = err.split("continue with: ")[1].strip()
     assert resume.startswith("distffn run ") and resume.endswith(" --resume") and str(cut) in resume
     r = subprocess.run([sys.executable, "-m", *resume.split()[0:1], *resume.split()[1:], "--no-progress"],
@@ -232,7 +229,7 @@ def test_a_signal_checkpoints_and_resume_continues_bit_for_bit(tmp_path, sig, co
     assert r.returncode == 0, r.stderr
     assert subprocess.run(cmd + ["--out", str(full)], capture_output=True, timeout=300).returncode == 0
     a, b = final_params(full)[0], final_params(cut)[0]
-    assert final_params(full)[1]["step"] == final_params(cut)[1]["step"] == 1200
+    assert final_params(full)[1]["step"] == final_params(cut)[1]["step"] == 450
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
@@ -241,7 +238,7 @@ def test_a_signal_checkpoints_and_resume_continues_bit_for_bit(tmp_path, sig, co
 def test_a_killed_ray_worker_is_replaced_and_the_run_ends_bit_for_bit(tmp_path, mode):
     """failure.max_failures: 1: SIGKILL worker 1 (its pid from workers.json) mid-run; new actors
     continue from the newest checkpoint and the final model equals an uninterrupted run's."""
-    job = write_equiv_job(tmp_path, training={"epochs": 300}, checkpoint={"every_steps": 30, "num_to_keep": 2},
+    job = write_equiv_job(tmp_path, training={"epochs": 100}, checkpoint={"every_steps": 30, "num_to_keep": 2},
                           failure={"max_failures": 1}, scaling={"backend": "ray", "num_workers": 2,
                                                                "aggregation": mode, "timeout_s": 20})
     cut, full = tmp_path / "cut", tmp_path / "full"
@@ -253,32 +250,9 @@ def test_a_killed_ray_worker_is_replaced_and_the_run_ends_bit_for_bit(tmp_path, 
     assert len(workers) == 2 and victim not in [w["pid"] for w in workers]       # rewritten
     assert subprocess.run(cmd + ["--out", str(full)], capture_output=True, timeout=300).returncode == 0
     a, b = final_params(full)[0], final_params(cut)[0]
-    assert final_params(full)[1]["step"] == final_params(cut)[1]["step"] == 900
+    assert final_params(full)[1]["step"] == final_params(cut)[1]["step"] == 300
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-
-
-def test_elastic_a_run_that_loses_a_worker_goes_on_with_those_left_and_keeps_the_model(tmp_path):
-    """failure.min_workers: 2 of 3: SIGKILL worker 1 mid-run; the run goes on at once with the 2
-    left, from the newest checkpoint, the global batch unchanged, and its model equals the
-    1-worker run's within the N-vs-1 bound; the start record of the second life says what the
-    loss cost (and job.yaml still asks for 3)."""
-    sections = dict(training={"epochs": 100}, checkpoint={"every_steps": 30, "num_to_keep": 2})
-    job = write_equiv_job(tmp_path, **sections, failure={"min_workers": 2},
-                          scaling={"backend": "ray", "num_workers": 3, "aggregation": "central", "timeout_s": 20})
-    cut = tmp_path / "cut"
-    r, _ = kill_a_worker_mid_run([sys.executable, "-m", "distffn", "run", job, "--no-progress", "--out", str(cut)],
-                                 str(cut))
-    assert r.returncode == 0, r.stderr
-    assert "going on with the 2 workers left of 3 (failure.min_workers: 2)" in r.stderr and "restart" not in r.stderr
-    starts = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines() if '"start"' in line]
-    assert [s["num_workers"] for s in starts] == [3, 2]
-    cost = starts[1]["restarted_after"]
-    assert cost["num_workers_before"] == 3 and cost["num_workers"] == 2 and "worker 1" in cost["error"]
-    assert cost["down_s"] > 0 and 0 <= cost["steps_redone"] < 30 + 3
-    assert from_dict(yaml.safe_load((cut / "job.yaml").read_text())).scaling.num_workers == 3
-    assert final_model(cut)[1]["step"] == 300
-    assert_model_of_one(cut, tmp_path, workers=(3, 2), **sections)
 
 
 def test_without_max_failures_a_killed_ray_worker_fails_fast_naming_it(tmp_path):
