@@ -172,6 +172,11 @@ class Trainer:
             finally:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
+                if self._signal is not None and previous:
+                    # the stop request may still arrive again as srun's forwarded SIGUSR1 (scancel
+                    # signals the batch script, srun and the ranks, in any order): it must not kill
+                    # a rank that has checkpointed and is closing (by default SIGUSR1 terminates)
+                    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             if self._signal is not None:
                 raise Interrupted(f"stopped by {signal.Signals(self._signal).name} after step {self.state.step}, "
                                   f"which is checkpointed in {self.ckpt_dir}; continue with: "

@@ -195,6 +195,38 @@ def test_an_extension_can_stop_the_run_early(tmp_path):
     assert json.loads((out / "summary.json").read_text())["stopped"] == "step 5 reached"
 
 
+LATE_SIGUSR1 = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from distffn.errors import Interrupted
+from distffn.jobspec import from_dict
+from distffn.training import Extension, Trainer
+from helpers import job_dict
+
+class TermAt(Extension):          # the stop request (scancel's SIGTERM) at step 5
+    def __init__(self):
+        self.trigger = lambda trainer: trainer.state.step == 5
+    def __call__(self, trainer):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+try:
+    Trainer(from_dict(job_dict(training={"epochs": 100})), sys.argv[1], progress=False, echo=lambda s: None,
+            extensions=[TermAt()]).run()
+except Interrupted:
+    os.kill(os.getpid(), signal.SIGUSR1)     # the same request again, as srun forwards it, late
+    print("stopped and alive")
+"""
+
+
+def test_a_stop_request_arriving_again_after_the_checkpoint_does_not_kill_the_run(tmp_path):
+    """scancel signals the batch script, srun and every rank; srun's forwarded SIGUSR1 may reach
+    a rank after it stopped and checkpointed: it must not kill it (exit 138) as it closes."""
+    r = subprocess.run([sys.executable, "-c", LATE_SIGUSR1, str(tmp_path / "run"), os.path.dirname(__file__) + "/.."],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "stopped and alive" in r.stdout, (r.returncode, r.stderr[-2000:])
+    assert ckpt.list_checkpoints(str(tmp_path / "run" / "checkpoints"))[-1][0] == 5
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 @pytest.mark.parametrize("scaling", [[], ["--set", "scaling.backend=ray", "--set", "scaling.num_workers=2"],
                                      ["--set", "scaling.backend=mpi", "--set", "scaling.num_workers=2"]],
