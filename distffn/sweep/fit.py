@@ -27,8 +27,32 @@ class CriticalBatchFit:
     def steps(self, batch):
         return self.s_min * (1.0 + self.b_crit / np.asarray(batch, np.float64))
 
+    def steps_at_samples(self, samples: float):
+        """:func:`steps_at_samples` of this fit."""
+        return steps_at_samples(self.s_min, self.e_min, samples)
+
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def steps_at_samples(s_min: float, e_min: float, samples: float) -> float | None:
+    """The fitted curve in (samples, steps) space: the steps S a fixed batch needs to reach
+    the target when it does so after E samples, S_fit(E) = S_min / (1 − E_min/E); None for
+    E <= E_min (no fixed batch reaches the target with so few samples).
+
+    With E = S·B, B = E/S; put into S = S_min(1 + B_crit/B):
+
+        S = S_min + S_min·B_crit·S/E = S_min + E_min·S/E
+        S·(1 − E_min/E) = S_min
+        S = S_min / (1 − E_min/E),
+
+    McCandlish et al.'s (S/S_min − 1)(E/E_min − 1) = 1 solved for S. A run whose batch
+    changes as it trains reaches the target after S steps and E samples; the fixed batches
+    need S_fit(E) steps for the same samples, so 1 − S/S_fit(E) is the steps it saved.
+    """
+    if samples <= e_min:
+        return None
+    return s_min / (1.0 - e_min / samples)
 
 
 def _best_log_s_min(log_b_crit: float, batch: np.ndarray, log_steps: np.ndarray) -> tuple[float, float]:

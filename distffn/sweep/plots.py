@@ -5,7 +5,10 @@
 * ``time_vs_workers.png`` -- seconds to the target against workers: measured here (markers)
   and the α-β projection (dashed, labelled "projection") up to 1024 workers, or to the
   largest batch size (a worker needs a sample);
-* ``lr_vs_batch.png`` -- the best learning rate per batch size among those tried.
+* ``lr_vs_batch.png`` -- the best learning rate per batch size among those tried;
+* ``steps_vs_samples.png`` -- log-log: steps against samples to the target for every fixed
+  batch size (its median over seeds labelled with B, each seed a faint dot), the fit as
+  S_fit(E) = S_min/(1 − E_min/E), and every adaptive entry's median and seeds.
 
 Matplotlib's object-oriented API with the Agg canvas, as :mod:`distffn.plot`.
 """
@@ -21,6 +24,8 @@ from matplotlib.ticker import LogLocator
 
 from ..files import write_figure
 from ..plot import plain_log_axes
+from ..plot import plain_number as plain
+from .fit import steps_at_samples
 
 DPI = 100
 REGIME_COLOURS = {"perfect_scaling": "#d9f0d3", "diminishing_returns": "#fee8c8",
@@ -173,14 +178,61 @@ def lr_vs_batch(summary: dict, results: list[dict]) -> Figure:
     return fig
 
 
+ADAPTIVE_STYLES = (("D", "tab:red"), ("^", "tab:green"), ("s", "tab:purple"), ("P", "tab:orange"),
+                   ("v", "tab:brown"), ("X", "tab:pink"))
+
+
+def steps_vs_samples(summary: dict) -> Figure:
+    """Steps against samples to the target: the fixed batches (each seed and the median), the
+    fitted curve, and each adaptive entry, which can lie below it (fewer steps for the samples)."""
+    fig = Figure(figsize=(7.5, 5.2), layout="constrained")
+    ax = fig.subplots()
+    best = [b for b in summary["best"] if b.get("samples_to_target")]
+    points = [(b["samples_to_target"], b["steps_to_target"]) for b in best]
+    seeds = [(x["samples"], x["steps"]) for b in best for x in b.get("seeds") or []]
+    if seeds:
+        ax.scatter(*zip(*seeds), s=10, color="tab:blue", alpha=0.25, label="fixed batch: each seed", zorder=2)
+    if points:
+        ax.plot(*zip(*points), "o", color="tab:blue", ms=7, label="fixed batch (best lr; median over seeds)", zorder=3)
+        for b in best:
+            ax.annotate(f"B={b['batch_size']}", (b["samples_to_target"], b["steps_to_target"]),
+                        textcoords="offset points", xytext=(5, 4), fontsize=7)
+    for (marker, colour), a in zip(ADAPTIVE_STYLES * 4, [a for a in summary.get("adaptive") or [] if a["reached"]]):
+        what = f"adaptive {a['rule']} (B {a['start']}→{a['max']})"
+        runs = [(x["samples"], x["steps"]) for x in a["seeds"]]
+        ax.scatter(*zip(*runs), s=14, marker=marker, color=colour, alpha=0.35, zorder=3)
+        ax.plot([a["samples_to_target"]], [a["steps_to_target"]], marker, color=colour, ms=9, zorder=4,
+                label=f"{what}: median" + (" (faint: each seed)" if len(runs) > 1 else ""))
+        points += runs
+    fit = summary.get("fit")
+    if fit and points:
+        lo = max(min(e for e, _ in points) / 2, fit["e_min"] * 1.01)
+        grid = np.geomspace(lo, max(max(e for e, _ in points) * 2, lo * 2), 200)
+        ax.plot(grid, [steps_at_samples(fit["s_min"], fit["e_min"], e) for e in grid], "-", color="0.3",
+                label=f"fit S_fit(E) = S_min/(1 − E_min/E): S_min {plain(fit['s_min'])}, E_min {plain(fit['e_min'])}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("samples to target E")
+    ax.set_ylabel("steps to target S")
+    t = summary["target"]
+    ax.set_title(f"{summary['sweep']}: steps against samples to {t['metric']} {t['value']:g}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    plain_log_axes(ax)
+    _legend(ax, fontsize=7, loc="best")
+    if not points:
+        ax.text(0.5, 0.5, "no run reached the target", ha="center", transform=ax.transAxes)
+    return fig
+
+
 def draw_all(summary: dict, results: list[dict], out: str,
              guard: Optional[Callable[[str, Callable[[], str]], Optional[str]]] = None) -> list[str]:
-    """The three figures; returns the paths of those drawn. ``guard(name, draw)`` runs each
+    """The four figures; returns the paths of those drawn. ``guard(name, draw)`` runs each
     drawing (and may return None for one that failed, so that the others are still drawn)."""
     guard = guard or (lambda name, draw: draw())
     figures = {"steps_vs_batch": lambda: steps_vs_batch(summary, results),
                "time_vs_workers": lambda: time_vs_workers(summary),
-               "lr_vs_batch": lambda: lr_vs_batch(summary, results)}
+               "lr_vs_batch": lambda: lr_vs_batch(summary, results),
+               "steps_vs_samples": lambda: steps_vs_samples(summary)}
     paths = [guard(name, lambda make=make, name=name: _save(make(), os.path.join(out, f"{name}.png")))
              for name, make in figures.items()]
     return [p for p in paths if p]

@@ -124,3 +124,32 @@ def worker_counts(batch: int, most: int = 1024) -> list[int]:
         out.append(n)
         n *= 2
     return out
+
+
+# the worker counts summary.json projects every fixed batch and adaptive schedule to
+PROJECTED_WORKERS = (8, 64, 512, 1024)
+
+
+def batch_schedule(records, steps: int) -> list[tuple[int, int]]:
+    """``[(batch, updates), ...]`` of a run's first ``steps`` updates from its ``batch``
+    records (``{"step": S, "batch_size": B}``: B from update S on, until the next record; a
+    resumed run records a step again, and the last record of a step counts)."""
+    at = {}
+    for r in records:
+        if r.get("event", "batch") == "batch" and r.get("step") is not None:
+            at[int(r["step"])] = int(r["batch_size"])
+    starts = sorted(s for s in at if s < steps)
+    if not starts or starts[0] != 0:
+        raise ValueError(f"no batch record at step 0 (records at {starts[:3]})")
+    ends = starts[1:] + [steps]
+    return [(at[s], e - s) for s, e in zip(starts, ends)]
+
+
+def schedule_seconds(model: StepModel, schedule: list[tuple[int, int]], workers: int, net: Network,
+                     aggregation: str = "allreduce") -> float:
+    """Seconds for the updates of ``schedule`` (:func:`batch_schedule`) on ``workers`` workers:
+    the sum over its steps of ``model.step_seconds(B_t, N)``. A step whose batch is smaller
+    than N runs on B_t workers, a sample each (the rest sit it out): the fastest such a step
+    can be, and what a fixed batch of B_t is projected to at most (:func:`worker_counts`)."""
+    return sum(count * model.step_seconds(batch, min(workers, batch), net, aggregation)
+               for batch, count in schedule)

@@ -6,8 +6,10 @@
 2. timed runs: the step time at every batch size × worker count, a few steps each;
 3. the gradient noise scale B_simple at each batch size's best trial's final checkpoint
    (where it reached the target);
-4. analysis: the best trial per batch size, the critical-batch fit, the regimes, the α-β
-   projection to 1024 workers; ``results.csv``, ``summary.json`` and three PNG plots.
+4. analysis: the best trial per batch size (with ``seeds``: the best rate by its median steps
+   over the seeds), the critical-batch fit, the regimes, each adaptive entry's steps and
+   samples against the fit, the α-β projection to 1024 workers (an adaptive run's by its
+   batch schedule); ``results.csv``, ``summary.json`` and four PNG plots.
 
 What was measured is kept whatever happens after: ``results.csv`` is written before the
 analysis, and a stage that fails (a timed run, the noise scale, the fit, the projection, a
@@ -29,6 +31,7 @@ from ..data.prepare import prepare_data
 from ..errors import RunFailed, UserError
 from ..files import write_atomic, write_json
 from ..plot import plain_number as plain
+from ..training.metrics import iter_records
 from ..training.noise_scale import estimate_checkpoint
 from ..training.run_lock import RunLock
 from . import fit as fitting
@@ -87,6 +90,11 @@ def _run(spec, base, out, command, echo, progress) -> dict:
         raise UserError(f"batch_sizes: {too_big[0]} is larger than the {n_train:,} training samples of the "
                         f"base job's data ({base.data.dataset}"
                         f"{', after data.validation_fraction' if ds.x_val is not None else ''})")
+    for i, entry in enumerate(spec.adaptive):
+        most = entry.resolved(base)["max"]
+        if most > n_train:
+            raise UserError(f"adaptive[{i}].max: {most} is larger than the {n_train:,} training samples of the "
+                            f"base job's data ({base.data.dataset})")
     check_timing_backend(spec)
     job_path = os.path.join(out, "job.yaml")
     os.makedirs(out, exist_ok=True)
@@ -95,8 +103,10 @@ def _run(spec, base, out, command, echo, progress) -> dict:
     base_raw = base.to_dict()
     trials = promising_first(plan_trials(spec, base, n_train))
     timings = plan_timings(spec, base, n_train)
+    fixed = sum(not t.adaptive for t in trials)
+    extra = f" + {counted(len(trials) - fixed, 'adaptive trial')}" if spec.adaptive else ""
     echo(f"sweep {spec.name}: {counted(len(trials), 'trial')} ({counted(len(spec.batch_sizes), 'batch size')} × "
-         f"{counted(len(trials) // len(spec.batch_sizes), 'setting')}, ≤ {counted(spec.max_epochs, 'epoch')} "
+         f"{counted(fixed // len(spec.batch_sizes), 'setting')}{extra}, ≤ {counted(spec.max_epochs, 'epoch')} "
          f"each, target {spec.target.metric} {spec.target.value:g}), then {counted(len(timings), 'timed run')}; "
          f"folder {out}")
 
@@ -161,14 +171,79 @@ class Stages:
             return None
 
 
-def best_per_batch(results: list[dict]) -> dict[int, dict]:
-    """The trial with the fewest steps to the target at each batch size (ties: smaller lr)."""
-    best: dict[int, dict] = {}
-    for r in sorted(results, key=lambda r: (r["batch_size"], r["lr"], r.get("momentum") or 0)):
-        if r["reached"] and (r["batch_size"] not in best
-                             or r["steps_to_target"] < best[r["batch_size"]]["steps_to_target"]):
-            best[r["batch_size"]] = r
+def over_seeds(group: list[dict]) -> Optional[dict]:
+    """One setting's trials, one per seed, as one: the median over the seeds of the steps,
+    samples, epochs and seconds to the target, and each seed's under ``seeds``; the rest (the
+    ``trial`` too) is the seed's with the lower median steps. None unless every seed reached
+    the target. With one seed, that trial."""
+    if not group or not all(r["reached"] for r in group):
+        return None
+    group = sorted(group, key=lambda r: (r["steps_to_target"], r.get("seed") or 0))
+    middle = {**group[(len(group) - 1) // 2]}
+
+    def median(key):
+        values = [r.get(key) for r in group]
+        return None if None in values else statistics.median(values)
+    for key in ("steps_to_target", "samples_to_target", "epochs_to_target", "seconds_to_target"):
+        middle[key] = median(key)
+    middle["seeds"] = [{"seed": r.get("seed"), "steps": r["steps_to_target"], "samples": r.get("samples_to_target"),
+                        "seconds": r.get("seconds_to_target"), "trial": r.get("trial")}
+                       for r in sorted(group, key=lambda r: r.get("seed") or 0)]
+    return middle
+
+
+def _best_setting(results: list[dict]) -> Optional[dict]:
+    """Of trials of one batch (or adaptive entry): :func:`over_seeds` of the (lr, momentum)
+    with the fewest median steps (ties: the smaller lr)."""
+    groups: dict[tuple, list] = {}
+    for r in results:
+        groups.setdefault((r["lr"], r.get("momentum") or 0), []).append(r)
+    best = None
+    for key in sorted(groups):
+        m = over_seeds(groups[key])
+        if m is not None and (best is None or m["steps_to_target"] < best["steps_to_target"]):
+            best = m
     return best
+
+
+def best_per_batch(results: list[dict]) -> dict[int, dict]:
+    """The setting with the fewest steps to the target at each fixed batch size (ties: smaller
+    lr); with seeds, the fewest median steps over the seeds among the settings that reached
+    the target in every seed (:func:`over_seeds`)."""
+    by_batch: dict[int, list] = {}
+    for r in results:
+        if not r.get("adaptive"):
+            by_batch.setdefault(r["batch_size"], []).append(r)
+    best = {b: _best_setting(rs) for b, rs in sorted(by_batch.items())}
+    return {b: r for b, r in best.items() if r is not None}
+
+
+def adaptive_results(spec: SweepSpec, base, results: list[dict], fit) -> list[dict]:
+    """summary.json's ``adaptive``: per entry, its best rate's median steps, samples and
+    seconds (trained on one worker) to the target over the seeds, each seed's, and the steps
+    the fixed batches' fit needs for those samples (:func:`fit.steps_at_samples`)."""
+    out = []
+    for entry in spec.adaptive:
+        settings = entry.resolved(base)
+        best = _best_setting([r for r in results if r.get("adaptive") == settings])
+        row = {**settings, "reached": best is not None, "lr": None, "momentum": None, "steps_to_target": None,
+               "samples_to_target": None, "seconds_to_target": None, "seeds": [], "trial": None,
+               "fit_steps_at_samples": None, "steps_saving": None}
+        if best is not None:
+            row.update({k: best[k] for k in ("lr", "momentum", "steps_to_target", "samples_to_target",
+                                             "seconds_to_target", "seeds", "trial")})
+            if fit is not None:
+                at = fit.steps_at_samples(best["samples_to_target"])
+                row["fit_steps_at_samples"] = at
+                row["steps_saving"] = None if at is None else 1.0 - best["steps_to_target"] / at
+        out.append(row)
+    return out
+
+
+def read_schedule(out: str, trial: str, steps: int) -> list[tuple[int, int]]:
+    """A trial's batch schedule up to ``steps`` from its metrics.jsonl (:func:`projection.batch_schedule`)."""
+    records = (r for r in iter_records(os.path.join(out, "trials", trial, "metrics.jsonl")) if r.get("event") == "batch")
+    return projection.batch_schedule(records, steps)
 
 
 def grid_edges(results: list[dict], best: dict[int, dict]) -> list[int]:
@@ -226,15 +301,18 @@ def analyse(spec: SweepSpec, base, results: list[dict], measured: list[dict], nu
     best = best_per_batch(results)
     best_steps = {b: r["steps_to_target"] for b, r in best.items()}
     fit = stages.run("fit", lambda: fitting.fit_critical_batch(best_steps))
+    adaptive = adaptive_results(spec, base, results, fit)
     noise = measure_noise(spec, best, out, echo, stages)
     b_noise = median_b_simple(noise)
     summary = {
         "sweep": spec.name, "base_job": spec.job, "target": {"metric": spec.target.metric, "value": spec.target.value},
         "max_epochs": spec.max_epochs, "n_train": n_train, "num_params": num_params,
-        "trials": len(results), "reached": sum(r["reached"] for r in results),
+        "trials": len(results), "reached": sum(r["reached"] for r in results), "seeds": spec.seeds,
         "best": [{k: best[b][k] for k in ("batch_size", "lr", "momentum", "steps_to_target",
-                                          "samples_to_target", "epochs_to_target", "trial")}
+                                          "samples_to_target", "epochs_to_target", "trial")
+                  + (("seeds",) if spec.seeds is not None else ())}
                  for b in sorted(best)],
+        "adaptive": adaptive,
         "not_reached": [b for b in spec.batch_sizes if b not in best],
         "fit": fit.as_dict() if fit else None,
         "s_min": fit.s_min if fit else None, "e_min": fit.e_min if fit else None,
@@ -249,13 +327,21 @@ def analyse(spec: SweepSpec, base, results: list[dict], measured: list[dict], nu
         tol = spec.regime_tolerance
         summary["regimes"] = {**fitting.regime_bounds(fit.b_crit, tol), "tolerance": tol,
                               "by_batch_size": {str(b): fitting.regime_of(b, fit.b_crit, tol) for b in spec.batch_sizes}}
-    summary.update(stages.run("projection", lambda: project(spec, base, best_steps, measured, num_params))
+    def schedules():            # each adaptive entry's batch schedule per seed, to its target
+        return [[read_schedule(out, x["trial"], x["steps"]) for x in a["seeds"]] for a in adaptive]
+    summary.update(stages.run("projection", lambda: project(spec, base, best_steps, measured, num_params,
+                                                           schedules()))
                    or {"step_model": None, "projection": None})
+    for a, times in zip(adaptive, ((summary.get("projection") or {}).get("adaptive") or [])):
+        a["projected_seconds"] = times
     return summary
 
 
-def project(spec: SweepSpec, base, best_steps: dict[int, int], measured: list[dict], num_params: int) -> dict:
-    """The step-time model fitted here and seconds-to-target projected to 1024 workers."""
+def project(spec: SweepSpec, base, best_steps: dict[int, int], measured: list[dict], num_params: int,
+            schedules: Optional[list] = None) -> dict:
+    """The step-time model fitted here and seconds-to-target projected to 1024 workers; with
+    ``schedules`` (per adaptive entry, a batch schedule per seed; empty where it did not reach
+    the target), theirs too: the median over the seeds of the sum of their steps' times."""
     one = {m["batch_size"]: m["step_seconds"] for m in measured if m["num_workers"] == 1}
     if not one:
         return {"step_model": None, "projection": None}
@@ -277,6 +363,14 @@ def project(spec: SweepSpec, base, best_steps: dict[int, int], measured: list[di
                         {"seconds": fastest[0], "batch_size": fastest[1], "num_workers": fastest[2]},
                         "table": table}
     chosen = by_net[spec.network]
+    # every fixed batch (N <= B: a worker needs a sample) and adaptive entry at PROJECTED_WORKERS
+    at_workers = {name: {
+        "fixed": {str(b): {str(n): steps * model.step_seconds(b, n, link, aggregation) if n <= b else None
+                           for n in projection.PROJECTED_WORKERS} for b, steps in best_steps.items()},
+        "adaptive": [{str(n): statistics.median(projection.schedule_seconds(model, s, n, link, aggregation)
+                                                for s in per_seed) if per_seed else None
+                      for n in projection.PROJECTED_WORKERS} for per_seed in schedules or []]}
+        for name, link in projection.NETWORKS.items()}
     return {
         "step_model": {**model.as_dict(), "aggregation": aggregation, "checks": checks},
         "measured_seconds_to_target": {str(b): {str(n): best_steps[b] * s for (bb, n), s in times.items() if bb == b}
@@ -285,7 +379,9 @@ def project(spec: SweepSpec, base, best_steps: dict[int, int], measured: list[di
                        "aggregation": aggregation,
                        "seconds_to_target": {str(b): {str(n): s for n, s in row.items()}
                                              for b, row in chosen["table"].items()},
-                       "fastest_by_network": {name: v["fastest"] for name, v in by_net.items()}},
+                       "fastest_by_network": {name: v["fastest"] for name, v in by_net.items()},
+                       "workers": list(projection.PROJECTED_WORKERS), "by_network": at_workers,
+                       "adaptive": at_workers[spec.network]["adaptive"]},
     }
 
 
@@ -304,6 +400,7 @@ def closing_lines(summary: dict) -> list[str]:
         ratio = summary.get("b_crit_over_b_noise")
         lines.append(f"B_noise (measured B_simple, median over batch sizes) {summary['b_noise']:.0f}"
                      + (f"; B_crit / B_noise = {ratio:.2f}" if ratio else ""))
+    lines += [adaptive_line(a, summary) for a in summary.get("adaptive") or []]
     if summary.get("best_lr_at_grid_edge"):
         lines.append(f"the best rate is at the edge of the grid at batch sizes "
                      f"{', '.join(map(str, summary['best_lr_at_grid_edge']))}: widen the grid there")
@@ -322,6 +419,30 @@ def closing_lines(summary: dict) -> list[str]:
                      f"tracebacks in {ERRORS_LOG}); what was measured is kept, and the same command again "
                      f"redoes only what is missing")
     return lines
+
+
+def adaptive_line(a: dict, summary: dict) -> str:
+    """An adaptive entry's closing line: its steps and samples, the saving against the fit,
+    and its projection at 64 workers against the fastest fixed batch there."""
+    head = f"adaptive {a['rule']} (B {a['start']}→{a['max']}, every {a['every_steps']} steps)"
+    if not a["reached"]:
+        return f"{head}: target not reached{' in every seed' if a.get('seeds') is not None else ''}"
+    n_seeds = len(a["seeds"])
+    line = (f"{head}, lr {a['lr']:.4g}: {plain(a['steps_to_target'])} steps, {plain(a['samples_to_target'])} samples "
+            f"to target{f' (median of {n_seeds} seeds)' if n_seeds > 1 else ''}")
+    if a.get("steps_saving") is not None:
+        line += (f"; the fixed batches' fit needs {plain(a['fit_steps_at_samples'])} steps for those samples: "
+                 f"{100 * a['steps_saving']:.0f}% fewer steps")
+    proj = summary.get("projection") or {}
+    mine = (a.get("projected_seconds") or {}).get("64")
+    if mine is not None:
+        fixed = {b: row.get("64") for b, row in proj["by_network"][proj["network"]]["fixed"].items()}
+        fixed = {b: s for b, s in fixed.items() if s is not None}
+        line += f"; projection ({proj['network']}) on 64 workers {plain(mine)} s"
+        if fixed:
+            b = min(fixed, key=fixed.get)
+            line += f" (the fastest fixed batch there: {plain(fixed[b])} s at B={b})"
+    return line
 
 
 def dump_spec(spec: SweepSpec, path: str) -> None:

@@ -1,9 +1,11 @@
 """SWEEP.yaml: a scaling experiment, typed and validated like a job spec.
 
 A sweep names a base job (a path relative to the sweep file), the batch sizes and worker
-counts to measure, the learning rates to try at every batch size (a list, or a scaling rule
-from :data:`LR_RULES`), a target (:data:`~distffn.targets.TARGET_METRICS`) and a budget.
-Every mistake raises :class:`UserError` naming the key; unknown keys are refused.
+counts to measure, the learning rates to try at every batch size (a list, a mapping from batch
+size to rates, or a scaling rule from :data:`LR_RULES`), a target
+(:data:`~distffn.targets.TARGET_METRICS`) and a budget; optionally seeds to repeat every trial
+with, and adaptive-batch entries (``training.batch_size: adaptive``) to set against the fixed
+batches. Every mistake raises :class:`UserError` naming the key; unknown keys are refused.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from .. import bounded_yaml
 from ..bounded_yaml import short
 from ..data.sharding import steps_per_epoch
 from ..errors import UserError
-from ..jobspec import JobConfig, _coerce, load_job, parse_override
+from ..jobspec import ADAPTIVE_RULES, JobConfig, _coerce, load_job, parse_override
+from ..jobspec import apply_overrides as job_overrides
+from ..jobspec import from_dict as job_from_dict
 from ..optim import OPTIMIZERS
 from ..parallel import BACKENDS
 from ..registry import Registry
@@ -63,6 +67,31 @@ class Target:
     value: float = 0.9
 
 
+@dataclass
+class AdaptiveEntry:
+    """``adaptive: [{rule, start, max, every_steps, multiple, noise_every, lr}]``: one adaptive
+    batch schedule to run (per rate, per seed); None takes the base job's ``training.adaptive``
+    value, ``noise_every`` :data:`ADAPTIVE_NOISE_EVERY`, ``lr`` the sweep's rates at ``start``."""
+    rule: str
+    start: Optional[int] = None
+    max: Optional[int] = None
+    every_steps: Optional[int] = None
+    multiple: Optional[int] = None
+    noise_every: Optional[int] = None
+    lr: Optional[Union[list, float]] = None
+
+    def resolved(self, base: JobConfig) -> dict:
+        """The schedule's settings (without ``lr``) with the defaults filled in from ``base``."""
+        a = base.training.adaptive
+        pick = (lambda k: getattr(self, k) if getattr(self, k) is not None else getattr(a, k))
+        return {"rule": self.rule, "start": pick("start"), "max": pick("max"), "every_steps": pick("every_steps"),
+                "multiple": pick("multiple"),
+                "noise_every": self.noise_every if self.noise_every is not None else ADAPTIVE_NOISE_EVERY}
+
+
+# the schedule chooses from the norms measured since its last choice: every 5 steps gives it
+# ten measurements between choices at every_steps 50, where the default 20 gives two or three
+ADAPTIVE_NOISE_EVERY = 5
 AUTO = "auto"
 
 
@@ -71,7 +100,7 @@ class SweepSpec:
     """A validated SWEEP.yaml (see the README's "Scaling experiments" for every key)."""
     job: str                                    # the base job spec, resolved to a path
     batch_sizes: list
-    lr: Union[list, LrRule]
+    lr: Union[list, dict, LrRule]                  # a grid, {batch size: [rates]}, or a rule
     target: Target
     max_epochs: int
     name: str = "sweep"
@@ -87,6 +116,8 @@ class SweepSpec:
     network: str = "10gbe"                      # the preset drawn in time_vs_workers.png
     noise_batches: int = 50                     # batch pairs for the measured B_simple
     regime_tolerance: float = 0.25
+    seeds: Optional[list] = None                # None: the base job's seed, one run per trial
+    adaptive: list = field(default_factory=list)  # AdaptiveEntry, each
     job_overrides: list = field(default_factory=list)
     source: str = "SWEEP.yaml"
 
@@ -95,7 +126,17 @@ class SweepSpec:
         return list(self.momentum) if self.momentum is not None else [base.optimizer.momentum]
 
     def rates(self, batch: int) -> list[float]:
-        return self.lr.rates(batch) if isinstance(self.lr, LrRule) else list(self.lr)
+        if isinstance(self.lr, LrRule):
+            return self.lr.rates(batch)
+        if isinstance(self.lr, dict):
+            if batch not in self.lr:
+                raise UserError(f"lr: no rate for batch size {batch}; the mapping has {', '.join(map(str, self.lr))}")
+            return list(self.lr[batch])
+        return list(self.lr)
+
+    def adaptive_rates(self, entry: AdaptiveEntry, base: JobConfig) -> list[float]:
+        """An adaptive entry's rates: its own ``lr``, else the sweep's at its ``start``."""
+        return list(entry.lr) if entry.lr is not None else self.rates(entry.resolved(base)["start"])
 
     def eval_steps(self, n_train: int, batch: int, drop_last: bool) -> int:
         """``eval_every`` for batch size ``batch``: ``auto`` is evals_per_epoch evaluations per epoch."""
@@ -112,7 +153,7 @@ class SweepSpec:
 _KEYS = {"name": str, "job": str, "batch_sizes": list, "num_workers": list, "lr": object,
          "momentum": list, "target": dict, "max_epochs": int, "eval_every": object,
          "evals_per_epoch": int, "concurrency": int, "prune": bool, "timing_steps": int, "timing_repeats": int, "timing_backend": str,
-         "network": str, "noise_batches": int, "regime_tolerance": float}
+         "network": str, "noise_batches": int, "regime_tolerance": float, "seeds": list, "adaptive": list}
 _REQUIRED = ("job", "batch_sizes", "lr", "target", "max_epochs")
 
 
@@ -136,6 +177,48 @@ def _positive_numbers(values, key: str, upper: Optional[float] = None, zero_ok: 
             raise UserError(f"{key}: expected numbers {what}, got {short(v)}")
         out.append(v)
     return list(dict.fromkeys(out))
+
+
+def _batch_key(key) -> Optional[int]:
+    """A key of an ``lr`` mapping of rates as a batch size (``16`` or ``'16'``), or None."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key if key > 0 else None
+    return int(key) if isinstance(key, str) and key.isdigit() and int(key) > 0 else None
+
+
+def _seeds(values) -> list[int]:
+    if not isinstance(values, list) or not values:
+        raise UserError(f"seeds: expected a non-empty list of non-negative integers, got {short(values)}")
+    for v in values:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise UserError(f"seeds: expected non-negative integers, got {short(v)}")
+    return list(dict.fromkeys(values))
+
+
+def _adaptive_entries(raw) -> list[AdaptiveEntry]:
+    """``adaptive``: each entry's own checks; those that need the base job (its defaults, the
+    optimizer AdaScale can scale) are :func:`check_against_job`'s."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise UserError(f"adaptive: expected a list of {{rule, start, max, every_steps, ...}}, got {short(raw)}")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"adaptive[{i}]"
+        if isinstance(item, dict) and "rule" not in item:
+            raise UserError(f"{where}.rule: required ({' or '.join(ADAPTIVE_RULES)})")
+        e = _section(AdaptiveEntry, item, where)
+        if e.rule not in ADAPTIVE_RULES:
+            raise UserError(f"{where}.rule: expected one of {', '.join(ADAPTIVE_RULES)}; got {short(e.rule)}")
+        for key in ("start", "max", "every_steps", "noise_every"):
+            if getattr(e, key) is not None and getattr(e, key) <= 0:
+                raise UserError(f"{where}.{key}: expected a positive integer, got {getattr(e, key)}")
+        if e.start is not None and e.max is not None and e.start > e.max:
+            raise UserError(f"{where}.start: {e.start} is above {where}.max ({e.max}); expected start <= max")
+        if e.lr is not None:
+            e.lr = _positive_numbers(e.lr if isinstance(e.lr, list) else [e.lr], f"{where}.lr")
+        out.append(e)
+    return out
 
 
 def _section(cls, raw, where: str):
@@ -181,8 +264,14 @@ def from_dict(raw, path: str, job_overrides: Optional[list[str]] = None) -> Swee
     kw["num_workers"] = _positive_ints(raw.get("num_workers", [1]), "num_workers")
     if raw.get("momentum") is not None:
         kw["momentum"] = _positive_numbers(raw["momentum"], "momentum", upper=1.0, zero_ok=True)
+    if raw.get("seeds") is not None:
+        kw["seeds"] = _seeds(raw["seeds"])
     lr = raw["lr"]
-    if isinstance(lr, dict):
+    if isinstance(lr, dict) and lr and all(_batch_key(k) is not None for k in lr):
+        # {batch size: rate or [rates]}; YAML keys are names (bounded_yaml), so '16': 0.05
+        kw["lr"] = {_batch_key(b): _positive_numbers(v if isinstance(v, list) else [v], f"lr.{b}")
+                    for b, v in sorted(lr.items(), key=lambda kv: _batch_key(kv[0]))}
+    elif isinstance(lr, dict):
         rule = _section(LrRule, lr, "lr")
         LR_RULES.check(rule.rule)
         if rule.base_lr <= 0:
@@ -206,6 +295,13 @@ def from_dict(raw, path: str, job_overrides: Optional[list[str]] = None) -> Swee
     if every != AUTO and (not isinstance(every, int) or isinstance(every, bool) or every <= 0):
         raise UserError(f"eval_every: expected a positive number of steps or 'auto', got {short(every)}")
     kw["eval_every"] = every
+    kw["adaptive"] = _adaptive_entries(raw.get("adaptive"))
+    if isinstance(kw["lr"], dict):
+        needed = kw["batch_sizes"] + [e.start for e in kw["adaptive"] if e.start is not None and e.lr is None]
+        missing = [b for b in needed if b not in kw["lr"]]
+        if missing:
+            raise UserError(f"lr: no rate for batch size {missing[0]}; a mapping of rates needs every batch size "
+                            f"in batch_sizes and every adaptive start")
     return SweepSpec(**kw, job_overrides=list(job_overrides or []), source=path)
 
 
@@ -265,3 +361,28 @@ def check_against_job(spec: SweepSpec, base: JobConfig) -> None:
     if spec.momentum is not None and "velocity" not in OPTIMIZERS.get(base.optimizer.name).buffers:
         raise UserError(f"momentum: the base job's optimizer {base.optimizer.name!r} has no momentum; "
                         f"leave momentum out or use momentum/nesterov")
+    for i, entry in enumerate(spec.adaptive):
+        check_adaptive_entry(spec, base, entry, i)
+
+
+def adaptive_overrides(settings: dict) -> list[str]:
+    """The ``--set`` values that make a job run an adaptive entry's schedule (``settings``:
+    :meth:`AdaptiveEntry.resolved`)."""
+    return ["training.batch_size=adaptive", f"metrics.noise_every={settings['noise_every']}",
+            *(f"training.adaptive.{k}={settings[k]}" for k in ("rule", "start", "max", "every_steps", "multiple"))]
+
+
+def check_adaptive_entry(spec: SweepSpec, base: JobConfig, entry: AdaptiveEntry, i: int) -> None:
+    """Validate an adaptive entry as the job spec its trials run (the job's own checks: the
+    bounds, an optimizer and a schedule AdaScale can scale), its errors named ``adaptive[i].KEY``."""
+    settings = entry.resolved(base)
+    where = f"adaptive[{i}]"
+    if settings["start"] > settings["max"]:          # one of them from the base job
+        raise UserError(f"{where}.start: {settings['start']} is above {where}.max ({settings['max']}); "
+                        f"expected start <= max")
+    try:
+        job_from_dict(job_overrides(base.to_dict(), adaptive_overrides(settings)), source=f"{where}'s trials")
+    except UserError as e:
+        text = str(e).replace("training.adaptive.", f"{where}.").replace("metrics.noise_every", f"{where}.noise_every")
+        raise UserError(text if text.startswith(where) else f"{where}: {text}") from None
+    spec.adaptive_rates(entry, base)            # a mapping of rates without its start: lr

@@ -30,12 +30,13 @@ from ..jobspec import apply_overrides, from_dict
 from ..training import Trainer, TrainingDiverged
 from ..training import checkpoint as ckpt
 from ..training.progress import ProgressBar
+from .spec import adaptive_overrides
 
 RESULT = "result.json"       # a finished trial's outcome
 TRIAL = "trial.json"         # the trial a folder holds (a changed sweep starts it afresh)
 CSV_COLUMNS = ["batch_size", "num_workers", "lr", "momentum", "reached", "steps_to_target",
                "samples_to_target", "epochs_to_target", "seconds_to_target", "step_seconds",
-               "best_metric", "diverged", "pruned", "eval_every", "trial"]
+               "best_metric", "diverged", "pruned", "eval_every", "adaptive", "trial"]
 
 
 @dataclass
@@ -50,15 +51,28 @@ class Trial:
     target_metric: str
     target_value: float
     warmup_steps: Optional[int] = None
+    seed: Optional[int] = None         # None: the base job's
+    adaptive: Optional[dict] = None    # an adaptive entry's settings (batch_size is its start)
 
     @property
     def id(self) -> str:
         m = "" if self.momentum is None else f"-m{self.momentum:g}"
-        return f"b{self.batch_size:06d}-lr{self.lr:.6g}{m}"
+        s = "" if self.seed is None else f"-s{self.seed}"
+        if self.adaptive:
+            a = self.adaptive
+            return f"a-{a['rule']}-b{a['start']:06d}-{a['max']}-e{a['every_steps']}-lr{self.lr:.6g}{m}{s}"
+        return f"b{self.batch_size:06d}-lr{self.lr:.6g}{m}{s}"
+
+    def as_dict(self) -> dict:
+        """The trial as ``trial.json`` keeps it: without the seed and adaptive keys where they
+        are unset, so that a sweep folder from before they existed resumes."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if not (k in ("seed", "adaptive") and v is None)}
 
     def overrides(self) -> list[str]:
         """The ``--set`` values that make the base job this trial."""
-        sets = [f"training.batch_size={self.batch_size}", f"optimizer.lr={self.lr!r}",
+        batch = adaptive_overrides(self.adaptive) if self.adaptive else [f"training.batch_size={self.batch_size}"]
+        sets = [*batch, f"optimizer.lr={self.lr!r}",
                 f"training.epochs={self.max_epochs}", f"training.eval_every={self.eval_every}",
                 f"training.target_metric={self.target_metric}", f"training.target_value={self.target_value!r}",
                 "scaling.backend=local", "scaling.num_workers=1", "checkpoint.num_to_keep=1"]
@@ -66,6 +80,8 @@ class Trial:
             sets.append(f"optimizer.momentum={self.momentum!r}")
         if self.warmup_steps is not None:
             sets.append(f"optimizer.warmup_steps={self.warmup_steps}")
+        if self.seed is not None:
+            sets.append(f"training.seed={self.seed}")
         return sets
 
 
@@ -90,15 +106,29 @@ class Timing:
 
 
 def plan_trials(spec, base, n_train: int) -> list[Trial]:
-    """Every (batch size, lr, momentum) of the sweep, smallest batch first."""
+    """Every (batch size, lr, momentum, seed) of the sweep, smallest batch first, then every
+    adaptive entry's (lr, momentum, seed)."""
     out = []
+    momenta = spec.momenta(base) if spec.momentum is not None else [None]
+    seeds = spec.seeds if spec.seeds is not None else [None]
+    drop = base.training.drop_last
     for b in spec.batch_sizes:
-        momenta = spec.momenta(base) if spec.momentum is not None else [None]
         for lr in spec.rates(b):
             for m in momenta:
-                out.append(Trial(b, lr, m, spec.eval_steps(n_train, b, base.training.drop_last),
-                                 spec.max_epochs, spec.target.metric, spec.target.value,
-                                 spec.warmup_steps(n_train, b, base.training.drop_last)))
+                for s in seeds:
+                    out.append(Trial(b, lr, m, spec.eval_steps(n_train, b, drop), spec.max_epochs,
+                                     spec.target.metric, spec.target.value, spec.warmup_steps(n_train, b, drop), s))
+    for entry in spec.adaptive:
+        a = entry.resolved(base)
+        for lr in spec.adaptive_rates(entry, base):
+            for m in momenta:
+                for s in seeds:
+                    # evaluated every eval_steps(max) steps: the batch never exceeds max, so an
+                    # evaluation comes at least as often in samples as for a fixed batch of max,
+                    # and the samples to target are at least as precise as the fixed batches' there
+                    out.append(Trial(a["start"], lr, m, spec.eval_steps(n_train, a["max"], drop), spec.max_epochs,
+                                     spec.target.metric, spec.target.value,
+                                     spec.warmup_steps(n_train, a["start"], drop), s, a))
     return out
 
 
@@ -140,7 +170,7 @@ def run_trial(base_raw: dict, trial: dict, run_dir: str, job_path: str, resume_c
     job = from_dict(apply_overrides(base_raw, sets), source=f"trial {t.id}")
     resume = bool(ckpt.list_checkpoints(os.path.join(run_dir, "checkpoints")))
     os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, TRIAL), trial)          # what this folder holds
+    write_json(os.path.join(run_dir, TRIAL), t.as_dict())    # what this folder holds
     diverged = None
     summary = _read(run_dir, "summary.json") or {}
     if not (summary.get("target") or {}).get("reached"):
@@ -163,6 +193,7 @@ def run_trial(base_raw: dict, trial: dict, run_dir: str, job_path: str, resume_c
         "diverged": diverged, "steps_run": summary.get("step"),
         "pruned": bool(max_steps) and not reached and not diverged and summary.get("step") == max_steps,
         "train_seconds": summary.get("train_time_s"),
+        "seconds_to_target": target.get("train_seconds") if reached else None,
         "command": " ".join(["distffn", "run", job_path, "--out", run_dir,
                              *(x for o in sets for x in ("--set", o))]),
     }
@@ -180,15 +211,16 @@ def _ray_trial(base_raw, trial, run_dir, job_path, resume_command, threads):
 def promising_first(trials: list[Trial]) -> list[Trial]:
     """Within each batch size, the middle of the learning-rate grid first: the best trial is
     likely there, and pruning then stops the others sooner."""
-    by_batch: dict[int, list[Trial]] = {}
-    for t in trials:
-        by_batch.setdefault(t.batch_size, []).append(t)
+    by_batch: dict[tuple, list[Trial]] = {}
+    for t in trials:            # an adaptive entry's trials are a group of their own, after the fixed
+        key = (bool(t.adaptive), t.batch_size, tuple(sorted((t.adaptive or {}).items())))
+        by_batch.setdefault(key, []).append(t)
     out = []
-    for b in sorted(by_batch):
-        group = by_batch[b]
+    for key in sorted(by_batch):
+        group = by_batch[key]
         rates = sorted({t.lr for t in group})
         middle = math.log(rates[(len(rates) - 1) // 2])
-        out += sorted(group, key=lambda t: (round(abs(math.log(t.lr) - middle), 6), t.lr))
+        out += sorted(group, key=lambda t: (round(abs(math.log(t.lr) - middle), 6), t.lr, t.seed or 0))
     return out
 
 
@@ -199,8 +231,11 @@ def counted(n: int, noun: str) -> str:
 
 def trial_line(r: dict, done: int, total: int) -> str:
     """One line per finished trial."""
-    head = f"[{done:>{len(str(total))}}/{total}] B={r['batch_size']} lr={r['lr']:.4g}" + (
-        "" if r.get("momentum") is None else f" momentum={r['momentum']:g}")
+    a = r.get("adaptive")
+    batch = f"adaptive {a['rule']} B={a['start']}..{a['max']}" if a else f"B={r['batch_size']}"
+    head = f"[{done:>{len(str(total))}}/{total}] {batch} lr={r['lr']:.4g}" + (
+        "" if r.get("momentum") is None else f" momentum={r['momentum']:g}") + (
+        "" if r.get("seed") is None else f" seed={r['seed']}")
     if r["reached"]:
         return (f"{head}: {r['target_metric']} {r['metric_at_target']:.4g} at step {r['steps_to_target']} "
                 f"({r['epochs_to_target']:.3g} epochs)")
@@ -221,7 +256,7 @@ def run_trials(trials: list[Trial], base_raw: dict, out: str, job_path: str, res
     results, todo = {}, []
     for t in trials:
         run_dir = os.path.join(out, "trials", t.id)
-        if _read(run_dir, TRIAL) != asdict(t):
+        if _read(run_dir, TRIAL) != t.as_dict():
             shutil.rmtree(run_dir, ignore_errors=True)      # another sweep's trial, or none
         r = read_result(run_dir)
         if r is not None:
@@ -241,10 +276,16 @@ def run_trials(trials: list[Trial], base_raw: dict, out: str, job_path: str, res
         on_result(results)
 
     def budget(t: Trial) -> Optional[int]:
-        steps = [r["steps_to_target"] for r in results.values() if r["batch_size"] == t.batch_size and r["reached"]]
-        return min(steps) if prune and steps else None
+        # not with seeds: the best rate is the one with the fewest steps in the median over
+        # seeds, which a rate stopped in one seed at another rate's steps could no longer be;
+        # not for an adaptive batch: its steps are measured whole, against the fixed batches
+        if not prune or t.adaptive or t.seed is not None:
+            return None
+        steps = [r["steps_to_target"] for r in results.values()
+                 if r["batch_size"] == t.batch_size and r["reached"] and not r.get("adaptive")]
+        return min(steps) if steps else None
 
-    args = [(base_raw, asdict(t), os.path.join(out, "trials", t.id), job_path, resume_command) for t in todo]
+    args = [(base_raw, t.as_dict(), os.path.join(out, "trials", t.id), job_path, resume_command) for t in todo]
     if concurrency <= 1 or len(todo) <= 1:
         for t, a in zip(todo, args):
             finished(run_trial(*a, max_steps=budget(t)))
@@ -344,21 +385,36 @@ def result_rows(results: list[dict], step_seconds: dict[tuple[int, int], float],
     """One row per trial and worker count: seconds to target = steps × the measured step
     time at (B, N) (N workers at batch B train the model of one, so the steps are the same)."""
     rows = []
-    for r in sorted(results, key=lambda r: (r["batch_size"], r["lr"], r.get("momentum") or 0)):
+    for r in sorted(results, key=result_order):
         for n in workers:
             if n > r["batch_size"]:
                 continue
-            t = step_seconds.get((r["batch_size"], n))
             steps = r["steps_to_target"]
+            if r.get("adaptive"):
+                # an adaptive trial's steps have many batch sizes: no one step time; one row,
+                # the seconds it trained on its one worker (summary.json projects it to N)
+                if n != 1:
+                    continue
+                t, seconds = None, r.get("seconds_to_target")
+            else:
+                t = step_seconds.get((r["batch_size"], n))
+                seconds = None if steps is None or t is None else _sig(steps * t)
             rows.append({
                 "batch_size": r["batch_size"], "num_workers": n, "lr": r["lr"],
                 "momentum": r.get("momentum"), "reached": r["reached"], "steps_to_target": steps,
                 "samples_to_target": r["samples_to_target"], "epochs_to_target": r["epochs_to_target"],
-                "seconds_to_target": None if steps is None or t is None else _sig(steps * t),
+                "seconds_to_target": seconds,
                 "step_seconds": None if t is None else _sig(t), "best_metric": r.get("best_metric"),
                 "diverged": bool(r.get("diverged")), "pruned": bool(r.get("pruned")), "eval_every": r["eval_every"],
-                "trial": os.path.join("trials", r["trial"])})
+                "adaptive": (r.get("adaptive") or {}).get("rule"), "trial": os.path.join("trials", r["trial"])})
     return rows
+
+
+def result_order(r: dict) -> tuple:
+    """Fixed batches first, by (batch size, lr, momentum, seed); then the adaptive trials."""
+    a = r.get("adaptive") or {}
+    return (bool(a), a.get("rule", ""), a.get("max", 0), a.get("every_steps", 0), r["batch_size"], r["lr"],
+            r.get("momentum") or 0, r.get("seed") or 0)
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distffn.sweep.fit import fit_critical_batch, local_slopes, regime_bounds, regime_of
+from distffn.sweep.fit import (
+    CriticalBatchFit,
+    fit_critical_batch,
+    local_slopes,
+    regime_bounds,
+    regime_of,
+    steps_at_samples,
+)
 
 
 @pytest.mark.parametrize("s_min,b_crit", [(40.0, 300.0), (1200.0, 20.0), (7.0, 5000.0)])
@@ -47,3 +54,12 @@ def test_regimes_split_the_batch_sizes_at_a_quarter_and_four_times_b_crit():
 def test_local_slopes_are_minus_one_under_perfect_scaling_and_zero_without_gain():
     assert local_slopes({8: 800, 16: 400, 32: 200}) == pytest.approx({8: -1.0, 16: -1.0})
     assert local_slopes({1024: 50, 2048: 50}) == pytest.approx({1024: 0.0})
+
+
+def test_the_fit_in_samples_space_gives_the_steps_a_fixed_batch_needs_for_those_samples():
+    # S_min 100, B_crit 50, E_min 5000: at E = 20,000 samples, S = 100 / (1 - 5000/20000) = 133.33 steps,
+    # the fixed batch B = E/S = 150 of the curve: 100 (1 + 50/150) = 133.33
+    fit = CriticalBatchFit(s_min=100.0, b_crit=50.0, e_min=5000.0, rms_log_error=0.0, points=3)
+    assert steps_at_samples(100.0, 5000.0, 20000.0) == pytest.approx(400 / 3)
+    assert fit.steps_at_samples(20000.0) == pytest.approx(float(fit.steps(150)))
+    assert steps_at_samples(100.0, 5000.0, 5000.0) is None and fit.steps_at_samples(4000.0) is None

@@ -11,9 +11,11 @@ from distffn.sweep.projection import (
     NETWORKS,
     Network,
     StepModel,
+    batch_schedule,
     communication_seconds,
     fit_step_model,
     fit_sync,
+    schedule_seconds,
     worker_counts,
 )
 from distffn.sweep.trials import Timing, run_timings
@@ -114,3 +116,22 @@ def test_step_times_measured_here_feed_the_model(tmp_path):
         assert abs(sum(ri * b / s for ri, (b, s) in zip(r, one.items()))) < 1e-6 * sum(b / s for b, s in one.items())
     excess = sorted(max(0.0, s - model.compute_seconds(b, n)) for (b, n), s in measured.items() if n == 2)
     assert model.sync == pytest.approx(excess[1])      # the median of three, not their mean
+
+
+def test_a_changing_batch_is_projected_step_by_step_from_its_batch_records():
+    records = [{"event": "batch", "step": 0, "batch_size": 8}, {"event": "batch", "step": 3, "batch_size": 32},
+               {"event": "batch", "step": 3, "batch_size": 64},        # resumed: the later record counts
+               {"event": "batch", "step": 5, "batch_size": 128}, {"event": "batch", "step": 9, "batch_size": 256}]
+    schedule = batch_schedule(records, 7)
+    assert schedule == [(8, 3), (64, 2), (128, 2)]
+    model, net = StepModel(fixed=1e-3, per_sample=1e-4, n_bytes=1000, sync=2e-4), Network(1e-5, 1e-9)
+    # one worker: 3 (1 + 0.8) ms + 2 (1 + 6.4) ms + 2 (1 + 12.8) ms
+    assert schedule_seconds(model, schedule, 1, net) == pytest.approx(47.8e-3)
+    # 16 workers; B = 8 runs on 8 of them, a sample each: 1 + 0.1 + 0.2 + 2·7·0.01 + 2·7/8·1000·1e-6 ms
+    b8 = 3 * (1.1e-3 + 2e-4 + 1.4e-4 + 1.75e-6)
+    b64 = 2 * (1.4e-3 + 2e-4 + 3e-4 + 1.875e-6)
+    b128 = 2 * (1.8e-3 + 2e-4 + 3e-4 + 1.875e-6)
+    assert b8 + b64 + b128 == pytest.approx(12.73275e-3)
+    assert schedule_seconds(model, schedule, 16, net) == pytest.approx(12.73275e-3)
+    with pytest.raises(ValueError):
+        batch_schedule(records[1:], 7)             # no batch before step 3

@@ -122,3 +122,61 @@ def test_bad_set_values_are_refused(tmp_path, capsys):
     user_error(capsys, ["sweep", write(tmp_path), "--set", "max_epochs"], "--set", "key=value")
     user_error(capsys, ["sweep", write(tmp_path), "--set", "model.layers=[1]"], "--set", "job.SECTION.KEY")
     user_error(capsys, ["sweep", write(tmp_path), "--set", "job.training.batch_size=-1"], "training.batch_size")
+
+
+def test_seeds_a_mapping_of_rates_and_adaptive_entries_plan_their_trials(tmp_path):
+    from distffn.sweep.trials import plan_trials
+    path = write(tmp_path, lr={"8": 0.1, "32": [0.2, 0.3]}, seeds=[0, 1],
+                 adaptive=[{"rule": "noise", "start": 8, "max": 64}, {"rule": "goodput", "start": 32, "lr": 0.4,
+                                                                     "noise_every": 2, "every_steps": 7}])
+    spec, base = load_sweep(path)
+    assert spec.seeds == [0, 1] and spec.rates(8) == [0.1] and spec.rates(32) == [0.2, 0.3]
+    trials = plan_trials(spec, base, 1000)
+    fixed = [t for t in trials if not t.adaptive]
+    assert [t.id for t in fixed] == ["b000008-lr0.1-s0", "b000008-lr0.1-s1", "b000032-lr0.2-s0", "b000032-lr0.2-s1",
+                                     "b000032-lr0.3-s0", "b000032-lr0.3-s1"]
+    assert "training.seed=1" in fixed[1].overrides()
+    noise, goodput = ([t for t in trials if t.adaptive and t.adaptive["rule"] == r] for r in ("noise", "goodput"))
+    # the rates at start; the base job's every_steps; noise measured every 5 steps; evaluations as for B = max
+    assert [(t.lr, t.seed, t.batch_size) for t in noise] == [(0.1, 0, 8), (0.1, 1, 8)]
+    assert noise[0].eval_every == spec.eval_steps(1000, 64, False) and noise[0].eval_every < fixed[0].eval_every
+    sets = noise[0].overrides()
+    for s in ("training.batch_size=adaptive", "training.adaptive.rule=noise", "training.adaptive.start=8",
+              "training.adaptive.max=64", f"training.adaptive.every_steps={base.training.adaptive.every_steps}",
+              "metrics.noise_every=5", "training.seed=0", "optimizer.lr=0.1"):
+        assert s in sets, s
+    assert [(t.lr, t.adaptive["every_steps"], t.adaptive["noise_every"]) for t in goodput] == [(0.4, 7, 2)] * 2
+    assert len({t.id for t in trials}) == len(trials)
+    # without seeds, the ids (and trial.json) of a sweep from before seeds existed
+    spec, base = load_sweep(write(tmp_path))
+    t = plan_trials(spec, base, 1000)[0]
+    assert t.id == "b000008-lr0.1" and "seed" not in t.as_dict() and "adaptive" not in t.as_dict()
+
+
+ENTRY = {"rule": "noise", "start": 8, "max": 64}
+
+
+@pytest.mark.parametrize("changes,needles", [
+    ({"seeds": [0, -1]}, ["seeds", "non-negative"]),
+    ({"seeds": []}, ["seeds", "non-empty"]),
+    ({"lr": {"8": 0.1}}, ["lr", "batch size 32"]),
+    ({"lr": {"8": 0.1, "32": -1}}, ["lr.32", "positive"]),
+    ({"lr": {"8": 0.1, "32": 0.1}, "adaptive": [{"rule": "noise", "start": 16, "max": 64}]}, ["lr", "batch size 16"]),
+    ({"adaptive": {"rule": "noise"}}, ["adaptive", "expected a list"]),
+    ({"adaptive": [ENTRY, {"start": 8}]}, ["adaptive[1].rule", "required"]),
+    ({"adaptive": [dict(ENTRY, rule="fastest")]}, ["adaptive[0].rule", "noise, goodput"]),
+    ({"adaptive": [dict(ENTRY, start=128)]}, ["adaptive[0].start", "above", "adaptive[0].max (64)"]),
+    ({"adaptive": [{"rule": "noise", "start": 8192}]}, ["adaptive[0].start", "max (4096)"]),
+    ({"adaptive": [dict(ENTRY, every_steps=0)]}, ["adaptive[0].every_steps", "positive"]),
+    ({"adaptive": [dict(ENTRY, noise_every=0)]}, ["adaptive[0].noise_every", "positive"]),
+    ({"adaptive": [dict(ENTRY, colour="red")]}, ["adaptive[0].colour: unknown key"]),
+    ({"adaptive": [dict(ENTRY, max=4096)]}, ["adaptive[0].max: 4096", "training samples"]),
+])
+def test_bad_seeds_rates_and_adaptive_entries_exit_2_naming_the_key(tmp_path, capsys, changes, needles):
+    user_error(capsys, ["sweep", write(tmp_path, **changes), "--out", str(tmp_path / "out")], *needles)
+    assert not (tmp_path / "out" / "trials").exists()
+
+
+def test_an_adaptive_entry_is_checked_as_the_job_its_trials_run(tmp_path, capsys):
+    base = dict(BASE, optimizer={"name": "adam", "lr": 0.01})
+    user_error(capsys, ["sweep", write(tmp_path, base=base, adaptive=[ENTRY])], "adaptive[0]", "optimizer.name", "adam")

@@ -228,3 +228,44 @@ def test_a_failing_analysis_stage_keeps_the_measurements_and_the_figures(tmp_pat
     assert "2 of 2 trials already finished; 0 to run" in printed and "timed B=64 N=1" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["errors"] == {} and summary["b_noise"] > 0
+
+
+def test_seeds_and_an_adaptive_batch_against_the_fixed_batches(tmp_path, capsys):
+    """Two batch sizes, one rate each, a noise-rule adaptive entry, two seeds: medians over the
+    seeds, the adaptive rows and summary, its projection from its own batch schedule."""
+    from statistics import median
+
+    from distffn.sweep.projection import NETWORKS, StepModel, schedule_seconds
+    from distffn.sweep.runner import read_schedule
+    path = write(tmp_path / "s", batch_sizes=[16, 64], lr={"16": 0.05, "64": 0.1}, seeds=[0, 1], max_epochs=4,
+                 target={"metric": "validation_loss", "value": 0.3}, timing_steps=5, noise_batches=5,
+                 adaptive=[{"rule": "noise", "start": 16, "max": 256, "every_steps": 10}])
+    out = tmp_path / "out"
+    assert main(["sweep", path, "--out", str(out), "--no-progress"]) == 0
+    got = rows(out)
+    assert [(r["batch_size"], r["adaptive"], os.path.basename(r["trial"])) for r in got] == [
+        ("16", "", "b000016-lr0.05-s0"), ("16", "", "b000016-lr0.05-s1"), ("64", "", "b000064-lr0.1-s0"),
+        ("64", "", "b000064-lr0.1-s1"), ("16", "noise", "a-noise-b000016-256-e10-lr0.05-s0"),
+        ("16", "noise", "a-noise-b000016-256-e10-lr0.05-s1")]
+    assert all(r["reached"] == "True" for r in got), got
+    summary = json.loads((out / "summary.json").read_text())
+    for best in summary["best"]:
+        mine = [r for r in got if r["batch_size"] == str(best["batch_size"]) and not r["adaptive"]]
+        assert best["steps_to_target"] == median(int(r["steps_to_target"]) for r in mine)
+    [a] = summary["adaptive"]
+    assert (a["rule"], a["start"], a["max"], a["noise_every"], a["reached"]) == ("noise", 16, 256, 5, True)
+    assert [x["seed"] for x in a["seeds"]] == [0, 1]
+    assert a["steps_to_target"] == median(x["steps"] for x in a["seeds"])
+    assert a["samples_to_target"] == median(x["samples"] for x in a["seeds"])
+    model = StepModel(**{k: summary["step_model"][k] for k in ("fixed", "per_sample", "n_bytes", "sync")})
+    schedules = [read_schedule(str(out), x["trial"], x["steps"]) for x in a["seeds"]]
+    for x, s in zip(a["seeds"], schedules):           # the schedule's samples are the run's to the target
+        assert sum(b * n for b, n in s) == x["samples"] and sum(n for _, n in s) == x["steps"]
+    assert any(b > 16 for s in schedules for b, _ in s), schedules          # the batch did change
+    for name, link in NETWORKS.items():
+        projected = summary["projection"]["by_network"][name]
+        assert projected["adaptive"][0]["64"] == pytest.approx(
+            median(schedule_seconds(model, s, 64, link, summary["step_model"]["aggregation"]) for s in schedules))
+        assert projected["fixed"]["16"]["64"] is None and projected["fixed"]["64"]["64"] is not None
+    assert (out / "steps_vs_samples.png").stat().st_size > 0
+    assert "adaptive noise (B 16→256, every 10 steps), lr 0.05" in capsys.readouterr().out
