@@ -4,6 +4,12 @@
   test sets side by side, so a widening train/test gap (overtraining) is visible at a glance.
 * ``weights.png`` -- for image datasets, the incoming weights of the first hidden units
   reshaped to the image, from the newest checkpoint ("visualizing neural network weights").
+* ``batch.png`` -- for a run with an adaptive batch (``training.batch_size: adaptive``), the
+  global batch it chose over the steps, with the gradient noise scale B_simple the choices
+  followed, and AdaScale's gain and the learning rate below.
+
+``distffn plot A B ...`` overlays runs against steps, epochs or training samples seen; an
+adaptive run's samples are counted from its ``batch`` records, not from one batch size.
 
 Only matplotlib's object-oriented ``Figure`` API with the Agg canvas is used: no pyplot global
 state, no display needed, nothing left open.
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from bisect import bisect_right
 
 import matplotlib
 import numpy as np
@@ -22,6 +29,7 @@ from . import bounded_yaml
 from .data.dataset import IMAGE_SHAPES
 from .errors import UserError
 from .files import write_figure
+from .jobspec import ADAPTIVE
 from .training.checkpoint import list_checkpoints, newest_valid_checkpoint
 from .training.metrics import iter_records
 
@@ -58,6 +66,16 @@ def plain_number(x: float, digits: int = 3) -> str:
     return text.rstrip("0").rstrip(".")
 
 
+def _finite(v) -> bool:
+    """A number to plot: not a bool, NaN or infinite."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v) -> bool:
+    """A step or sample count."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _metrics_path(run_dir: str) -> str:
     """``RUN_DIR/metrics.jsonl``, or a :class:`UserError` saying what ``run_dir`` is not."""
     if not os.path.isdir(run_dir):
@@ -89,7 +107,7 @@ def _series(epochs: list[dict], key: str, scale: float = 1.0) -> tuple[list[int]
     xs, ys = [], []
     for rec in epochs:
         v = rec.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        if _finite(v):
             xs.append(int(rec["epoch"]))
             ys.append(float(v) * scale)
     return xs, ys
@@ -217,10 +235,107 @@ def _image_shape(job: dict):
     return tuple(shape)
 
 
+# ---------------------------------------------------------------- an adaptive batch
+
+SPAN_EVENTS = ("epoch", "eval", "times")    # records whose step says how far the run got
+
+
+def batch_records(records) -> list[dict]:
+    """The ``batch`` records of a run with an adaptive batch, by step: each holds from its step
+    (the first update with that batch) until the next. ``records`` are in file order; a
+    resumed life's ``start`` record drops the choices an earlier life made after the step it
+    resumed at (the new life makes its own; its choice for that very step may come just
+    before its ``start`` record, and replaces the earlier life's for that step)."""
+    by_step: dict[int, dict] = {}
+    for rec in records:
+        event = rec.get("event")
+        if event == "start" and _count(rec.get("start_step")):
+            by_step = {s: r for s, r in by_step.items() if s <= rec["start_step"]}
+        elif event == "batch" and _count(rec.get("step")) and _count(rec.get("batch_size")):
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def batch_schedule(records) -> tuple[list[int], list[int]]:
+    """The global batch over the steps, as the corners of a step function drawn with
+    ``where="post"``: ``batches[i]`` holds from ``steps[i]`` to ``steps[i + 1]``; the last
+    batch is repeated at the run's last step (the newest epoch, eval or times record's, or
+    the last choice's if that is later). Empty lists when the run has no ``batch`` records."""
+    records = list(records)
+    chosen = batch_records(records)
+    if not chosen:
+        return [], []
+    steps = [r["step"] for r in chosen]
+    batches = [r["batch_size"] for r in chosen]
+    last = next((r["step"] for r in reversed(records) if r.get("event") in SPAN_EVENTS and _count(r.get("step"))),
+                steps[-1])
+    return steps + [max(last, steps[-1])], batches + [batches[-1]]
+
+
+def batch_figure(records: list[dict], name: str, bounds: tuple = (None, None), rule=None) -> Figure:
+    """An adaptive run's batch over the steps (``records`` in file order): the global batch as
+    a step function with the B_simple estimates (log scale) above, AdaScale's gain r and the
+    learning rate below; ``bounds`` are the batch's (start, max), drawn as dotted lines. The
+    title names the run and the rule of the choices (``rule`` where they do not say)."""
+    chosen = batch_records(records)
+    rules = list(dict.fromkeys(str(r["rule"]) for r in chosen if r.get("rule"))) or [str(rule or "?")]
+    steps, batches = batch_schedule(records)
+    fig = Figure(figsize=(8.5, 6.8))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+
+    top.step(steps, batches, where="post", color="tab:blue", lw=2, label="global batch B")
+    noise = [(r["step"], r["b_simple"]) for r in records
+             if r.get("event") == "noise" and _count(r.get("step")) and _finite(r.get("b_simple")) and r["b_simple"] > 0]
+    if noise:
+        top.plot(*zip(*noise), ls="none", marker=".", ms=4, color="0.55", label="B_simple (noise estimates)")
+    at_choice = [(r["step"], r["b_simple"]) for r in chosen if _finite(r.get("b_simple")) and r["b_simple"] > 0]
+    if at_choice:
+        top.plot(*zip(*at_choice), ls="none", marker="o", ms=5, mfc="none", color="tab:orange",
+                 label="B_simple the choice followed")
+    # named where the batch is usually far from them: the start on the right, the max on the left
+    for bound, which, side in zip(bounds, ("start", "max"), (1, 0)):
+        if _finite(bound) and bound > 0:
+            top.axhline(bound, color="0.3", ls=(0, (1, 3)), lw=1)
+            top.annotate(f"{which} {plain_number(bound)}", (side, bound), xycoords=("axes fraction", "data"),
+                         xytext=(-4 if side else 4, 3), textcoords="offset points", ha="right" if side else "left",
+                         fontsize=8, color="0.3")
+    top.set_yscale("log")
+    plain_log_axes(top)
+    top.set_ylabel("samples per step (log scale)")
+
+    gains = [r.get("gain") if _finite(r.get("gain")) else math.nan for r in chosen]
+    bottom.step(steps, gains + gains[-1:], where="post", color="tab:purple", lw=1.5, label="AdaScale gain r")
+    bottom.set_ylabel("gain r")
+    bottom.set_xlabel("step (update)")
+    # the learning rate as applied: at each choice and at each evaluation and epoch end
+    by_step = {r["step"]: r["lr"] for r in records
+               if r.get("event") in ("batch", "eval", "epoch") and _count(r.get("step")) and _finite(r.get("lr"))}
+    handles, labels = bottom.get_legend_handles_labels()
+    if by_step:
+        lr_ax = bottom.twinx()
+        xs = sorted(by_step)
+        lr_ax.plot(xs, [by_step[x] for x in xs], color="tab:green", marker=".", ms=4, lw=1, ls="--",
+                   drawstyle="steps-post", label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+        more = lr_ax.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    bottom.legend(handles, labels, fontsize=8, loc="best")
+    for ax in (top, bottom):
+        ax.grid(True, which="major", alpha=0.4)
+        ax.grid(True, which="minor", alpha=0.15)
+    top.legend(fontsize=8, loc="best")
+    bottom.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(f"{name}: adaptive global batch (rule: {', '.join(rules)})")
+    fig.tight_layout()
+    return fig
+
+
 def plot_run(run_dir: str) -> list[str]:
     """Write PNGs into ``run_dir`` and return their paths.
 
-    Always writes ``curves.png`` from ``metrics.jsonl``. Writes ``weights.png`` as well when
+    Always writes ``curves.png`` from ``metrics.jsonl``. Writes ``batch.png`` when the run chose
+    its batch as it trained (``batch`` records in ``metrics.jsonl``, see :func:`batch_figure`;
+    its ``noise`` records are shown there too). Writes ``weights.png`` as well when
     the job's dataset has an image shape that matches the input layer and a readable
     checkpoint exists: the newest checkpoint that loads and verifies is used (a damaged newer
     one is passed over, like ``--resume`` does) and its step is named in the title. No
@@ -238,6 +353,13 @@ def plot_run(run_dir: str) -> list[str]:
     job = _read_job(run_dir)
     name = job.get("name") or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
     written = [plot_curves(epochs, str(name), os.path.join(run_dir, "curves.png"))]
+
+    records = list(iter_records(metrics))
+    if batch_records(records):
+        spec = (job.get("training") or {}).get("adaptive") or {}
+        path = os.path.join(run_dir, "batch.png")
+        _save(batch_figure(records, str(name), (spec.get("start"), spec.get("max")), spec.get("rule")), path)
+        written.append(path)
 
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     if list_checkpoints(ckpt_dir):
@@ -263,8 +385,13 @@ X_AXES = {"epoch": "epochs", "step": "steps (updates)", "samples": "training sam
 def read_records(metrics_path: str) -> list[dict]:
     """Every parseable record of a ``metrics.jsonl``, in order (a resumed run's replayed steps
     are kept once: a later record for the same event and step replaces the earlier one)."""
+    return latest_per_step(iter_records(metrics_path))
+
+
+def latest_per_step(records) -> list[dict]:
+    """``records`` with one per event and step, the later one: see :func:`read_records`."""
     out: dict[tuple, dict] = {}
-    for rec in iter_records(metrics_path):
+    for rec in records:
         if isinstance(rec.get("step", rec.get("start_step")), int):
             out[(rec.get("event"), rec.get("step", rec.get("start_step")))] = rec
     return list(out.values())
@@ -275,7 +402,8 @@ class RunCurves:
 
     def __init__(self, run_dir: str):
         metrics = _metrics_path(run_dir)
-        records = read_records(metrics)
+        in_order = list(iter_records(metrics))
+        records = latest_per_step(in_order)
         self.start = next((r for r in records if r.get("event") == "start"), {})
         self.evals = sorted((r for r in records if r.get("event") == "eval"), key=lambda r: r["step"])
         self.epochs = sorted((r for r in records if r.get("event") == "epoch"), key=lambda r: r["step"])
@@ -283,7 +411,12 @@ class RunCurves:
             raise UserError(f"{metrics}: no evaluation or epoch yet, nothing to plot")
         job = _read_job(run_dir)
         t, o, s = job.get("training") or {}, job.get("optimizer") or {}, job.get("scaling") or {}
-        self.batch = t.get("batch_size") or 1
+        self.batches = batch_records(in_order)
+        self.adaptive = t.get("batch_size") == ADAPTIVE or bool(self.batches)
+        adaptive = t.get("adaptive") or {}
+        # an adaptive run starts at training.adaptive.start: the batch where its records lack one
+        self.batch = (adaptive.get("start") or 1) if self.adaptive else t.get("batch_size") or 1
+        self._anchors = self._sample_anchors(records, bool(t.get("drop_last")))
         self.target = (t.get("target_metric"), t.get("target_value"))      # a sweep trial's aim
         d, m = job.get("data") or {}, job.get("model") or {}
         # the settings a title names: what the runs share
@@ -291,16 +424,56 @@ class RunCurves:
                          "B": t.get("batch_size"), "optimizer": o.get("name"), "lr": o.get("lr"),
                          "momentum": o.get("momentum"), "schedule": o.get("schedule"),
                          "workers": s.get("num_workers"), "backend": s.get("backend")}
-        self.label = (f"{os.path.basename(os.path.normpath(os.path.abspath(run_dir)))}: B={self.batch}, "
+        rule = next((r["rule"] for r in reversed(self.batches) if r.get("rule")), adaptive.get("rule"))
+        shown = (f"{ADAPTIVE} ({rule})" if rule else ADAPTIVE) if self.adaptive else self.batch
+        self.label = (f"{os.path.basename(os.path.normpath(os.path.abspath(run_dir)))}: B={shown}, "
                       f"{o.get('name', 'momentum')} lr={o.get('lr')} ({o.get('schedule', 'constant')}), "
                       f"{s.get('num_workers', 1)} worker{'' if s.get('num_workers', 1) == 1 else 's'} "
                       f"{s.get('backend', 'local')}")
 
-    def x(self, step: int, axis: str) -> float:
+    def _sample_anchors(self, records: list[dict], drop_last: bool) -> list[tuple[int, int]]:
+        """(step, samples seen before it) where the records say: an adaptive run's choices,
+        its epoch ends and any record with ``samples``, by step."""
+        anchors = {r["step"]: r["samples"] for r in records
+                   if r.get("event") != "batch" and _count(r.get("step")) and _count(r.get("samples"))}
+        anchors.update((r["step"], r["samples"]) for r in self.batches if _count(r.get("samples")))
+        n = self.start.get("n_train")
+        if self.adaptive and _count(n) and not drop_last:
+            # without drop_last an epoch ends with its last sample, whatever batches it took
+            for r in self.epochs:
+                if _count(r.get("epoch")):
+                    anchors.setdefault(r["step"], r["epoch"] * n)
+        return sorted(anchors.items())
+
+    def batch_at(self, step: int) -> int:
+        """The global batch of update ``step`` (0-based)."""
+        i = bisect_right([r["step"] for r in self.batches], step) - 1
+        return self.batches[max(i, 0)]["batch_size"] if self.batches else self.batch
+
+    def samples(self, step: int) -> int:
+        """Training samples seen before update ``step`` of an adaptive run: from the newest
+        record that counted them, plus the steps since at the batch they ran with."""
+        if not self._anchors:
+            return step * self.batch
+        i = max(bisect_right([a for a, _ in self._anchors], step) - 1, 0)
+        at, seen = self._anchors[i]
+        return seen + (step - at) * self.batch_at(at)
+
+    def x(self, step: int, axis: str, rec: dict | None = None) -> float:
+        """Where the record ``rec`` of ``step`` lies on ``axis``: its own ``samples`` and (on
+        an adaptive batch) ``epoch`` where it has them."""
         spe = self.start.get("steps_per_epoch") or 1
         n = self.start.get("n_train")
         if axis == "step":
             return step
+        if axis == "samples" and rec is not None and _count(rec.get("samples")):
+            return rec["samples"]
+        if self.adaptive:       # the steps of an epoch vary with the batch
+            if axis == "samples":
+                return self.samples(step)
+            if rec is not None and _finite(rec.get("epoch")):
+                return rec["epoch"]
+            return self.samples(step) / n if n else step / spe
         if axis == "epoch":
             return step / spe
         full, rest = divmod(step, spe)              # samples: the short last batch counts as it is
@@ -310,8 +483,8 @@ class RunCurves:
         xs, ys = [], []
         for rec in records:
             v = rec.get(key)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                xs.append(self.x(rec["step"], axis))
+            if _finite(v):
+                xs.append(self.x(rec["step"], axis, rec))
                 ys.append(float(v) * scale)
         return xs, ys
 

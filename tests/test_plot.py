@@ -57,8 +57,7 @@ def assert_png(path):
         assert f.read(8) == PNG_SIGNATURE
     img = mpimg.imread(path)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
-    colours = np.unique(img.reshape(-1, img.shape[2]), axis=0)
-    assert len(colours) > 1
+    assert (img != img[0, 0]).any()         # more than one colour
     return img
 
 
@@ -288,3 +287,96 @@ def test_log_axes_of_a_comparison_show_plain_numbers(tmp_path):
     assert ax.get_yscale() == "log"
     labels = [t.get_text() for minor in (False, True) for t in ax.get_yticklabels(minor=minor) if t.get_text()]
     assert labels and all(t.replace(".", "").replace(",", "").isdigit() for t in labels), labels
+
+
+# ---------------------------------------------------------------- an adaptive batch
+
+def adaptive_records():
+    """The record format of an adaptive run (``training.batch_size: adaptive``), as it writes
+    ``metrics.jsonl``: a ``batch`` record at step 0, at each re-choice and at the first step
+    after a resume (written just before that life's ``start`` record), ``noise`` records,
+    evaluations and epoch ends. 500 training samples, no drop_last: updates 0-3 take 50 samples,
+    4-5 take 100, 6 the 100 left in epoch 1 (a short batch of the 150 chosen), 7 takes 150,
+    8 takes 200 and 9 the 150 left in epoch 2. The first life chose 400 at step 8 and died; the
+    second resumed from the checkpoint at step 6 and chose 200 there."""
+    def batch(step, size, samples, b_simple, gain):
+        return {"event": "batch", "step": step, "epoch": samples / 500, "batch_size": size, "gain": gain,
+                "lr": 0.05 * gain, "progress": float(step), "b_simple": b_simple, "rule": "noise",
+                "samples": samples}
+
+    def ev(step, epoch):
+        return {"event": "eval", "step": step, "epoch": epoch, "lr": 0.05, "test_loss": 1.0 / step,
+                "test_accuracy": 0.5 + step / 40}
+
+    def epoch_end(e, step):
+        return {"event": "epoch", "epoch": e, "step": step, "lr": 0.05, "train_loss": 1.0 / e,
+                "test_loss": 1.2 / e, "train_accuracy": 0.8, "test_accuracy": 0.7}
+
+    start = {"event": "start", "n_train": 500, "steps_per_epoch": 10, "start_step": 0}
+    return [batch(0, 50, 0, None, 1.0), start,
+            {"event": "noise", "step": 2, "epoch": 0.2, "b_simple": 60.0, "grad_norm_sq": 1.0, "trace_sigma": 60.0},
+            ev(2, 0.2), batch(4, 100, 200, 90.0, 1.6), ev(5, 0.6), batch(6, 150, 400, 140.0, 2.2),
+            epoch_end(1, 7), ev(7, 1.0), batch(8, 400, 650, 390.0, 3.0),            # the first life ends
+            batch(6, 150, 400, 140.0, 2.2), dict(start, start_step=6),
+            epoch_end(1, 7), ev(7, 1.0), batch(8, 200, 650, 210.0, 2.6), ev(8, 1.3), ev(9, 1.7),
+            epoch_end(2, 10), ev(10, 2.0)]
+
+
+def adaptive_run(root, records):
+    root.mkdir(parents=True)
+    job = {"name": "adaptive", "data": {"dataset": "digits"}, "model": {"layers": [64, 16, 10]},
+           "optimizer": {"name": "momentum", "lr": 0.05},
+           "training": {"batch_size": "adaptive", "drop_last": False,
+                        "adaptive": {"start": 50, "max": 400, "every_steps": 2, "rule": "noise"}}}
+    (root / "job.yaml").write_text(yaml.safe_dump(job))
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def test_an_adaptive_run_writes_batch_png_holding_each_batch_until_the_next_choice(tmp_path):
+    records = adaptive_records()
+    run = adaptive_run(tmp_path / "run", records)
+    paths = plot_run(str(run))
+    assert [os.path.basename(p) for p in paths] == ["curves.png", "batch.png"]
+    img = assert_png(paths[1])
+    assert img.shape[0] > 400 and img.shape[1] > 600
+    from distffn.plot import batch_figure, batch_schedule
+    # each batch from its step to the next choice, the last to the newest epoch's step; the
+    # first life's choice at step 8 is replaced by the second life's
+    assert batch_schedule(records) == ([0, 4, 6, 8, 10], [50, 100, 150, 200, 200])
+    # plotted during the second life, before it reached step 8: the first life's choice there is gone
+    assert batch_schedule(records[:13]) == ([0, 4, 6, 7], [50, 100, 150, 150])
+    fig = batch_figure(records, "adaptive")
+    assert fig.get_suptitle() == "adaptive: adaptive global batch (rule: noise)"
+    top = fig.axes[0]
+    line = next(line for line in top.get_lines() if line.get_label() == "global batch B")
+    assert list(line.get_xdata()) == [0, 4, 6, 8, 10] and line.get_drawstyle() == "steps-post"
+    assert top.get_yscale() == "log"
+
+
+def test_a_run_without_batch_records_has_no_batch_schedule_and_no_batch_png(tmp_path):
+    from distffn.plot import batch_schedule
+    from distffn.training.metrics import iter_records
+    run = make_run(tmp_path / "run", checkpoint=False)
+    noise = {"event": "noise", "step": 10, "epoch": 1.0, "b_simple": 80.0, "grad_norm_sq": 1.0, "trace_sigma": 80.0}
+    with open(run / "metrics.jsonl", "a") as f:       # a fixed batch with metrics.noise_scale
+        f.write("\n" + json.dumps(noise) + "\n")
+    assert batch_schedule(iter_records(str(run / "metrics.jsonl"))) == ([], [])
+    assert [os.path.basename(p) for p in plot_run(str(run))] == ["curves.png"]
+    assert not (run / "batch.png").exists()
+
+
+def test_an_adaptive_run_is_compared_on_the_samples_its_records_count(tmp_path):
+    from distffn.plot import RunCurves, comparison_figure
+    adaptive = RunCurves(str(adaptive_run(tmp_path / "adaptive", adaptive_records())))
+    fixed = RunCurves(fake_run(tmp_path / "fixed", validation=False))   # batch 50, 500 samples
+    assert [r["step"] for r in adaptive.evals] == [2, 5, 7, 8, 9, 10]
+    # the samples adaptive_records' docstring counts, the short batches that end epochs included
+    seen = [100, 300, 500, 650, 850, 1000]
+    assert [adaptive.x(r["step"], "samples") for r in adaptive.evals] == seen
+    assert [adaptive.x(r["step"], "epoch") for r in adaptive.evals] == [r["epoch"] for r in adaptive.evals]
+    assert adaptive.label.startswith("adaptive: B=adaptive (noise),")
+    loss = panels(comparison_figure([adaptive, fixed], "samples"))["test loss"]
+    curves = {line.get_label(): list(line.get_xdata()) for line in loss.get_lines()}
+    assert curves[adaptive.label] == seen
+    assert curves[fixed.label] == [50 * s for s in range(2, 21, 2)]          # a fixed batch as before
