@@ -189,11 +189,11 @@ def steps_vs_samples(summary: dict) -> Figure:
     ax = fig.subplots()
     best = [b for b in summary["best"] if b.get("samples_to_target")]
     points = [(b["samples_to_target"], b["steps_to_target"]) for b in best]
-    seeds = [(x["samples"], x["steps"]) for b in best for x in b.get("seeds") or []]
+    seeds = [(x["samples"], x["steps"]) for b in best for x in b.get("seeds") or [] if len(b["seeds"]) > 1]
     if seeds:
         ax.scatter(*zip(*seeds), s=10, color="tab:blue", alpha=0.25, label="fixed batch: each seed", zorder=2)
     if points:
-        ax.plot(*zip(*points), "o", color="tab:blue", ms=7, label="fixed batch (best lr; median over seeds)", zorder=3)
+        ax.plot(*zip(*points), "o", color="tab:blue", ms=7, label="fixed batch (best lr" + ("; median over seeds)" if seeds else ")"), zorder=3)
         for b in best:
             ax.annotate(f"B={b['batch_size']}", (b["samples_to_target"], b["steps_to_target"]),
                         textcoords="offset points", xytext=(5, 4), fontsize=7)
@@ -206,7 +206,10 @@ def steps_vs_samples(summary: dict) -> Figure:
         points += runs
     fit = summary.get("fit")
     if fit and points:
-        lo = max(min(e for e, _ in points) / 2, fit["e_min"] * 1.01)
+        # from where the curve is 3× the most steps drawn (it rises to infinity at E_min)
+        top = 3 * max(st for _, st in points)
+        lo = max(min(e for e, _ in points) / 2,
+                 fit["e_min"] / (1 - fit["s_min"] / top) if top > fit["s_min"] else fit["e_min"] * 1.01)
         grid = np.geomspace(lo, max(max(e for e, _ in points) * 2, lo * 2), 200)
         ax.plot(grid, [steps_at_samples(fit["s_min"], fit["e_min"], e) for e in grid], "-", color="0.3",
                 label=f"fit S_fit(E) = S_min/(1 − E_min/E): S_min {plain(fit['s_min'])}, E_min {plain(fit['e_min'])}")

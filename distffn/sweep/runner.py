@@ -426,7 +426,8 @@ def adaptive_line(a: dict, summary: dict) -> str:
     and its projection at 64 workers against the fastest fixed batch there."""
     head = f"adaptive {a['rule']} (B {a['start']}→{a['max']}, every {a['every_steps']} steps)"
     if not a["reached"]:
-        return f"{head}: target not reached{' in every seed' if a.get('seeds') is not None else ''}"
+        return (f"{head}: target not reached{' in every seed' if summary.get('seeds') else ''} within "
+                f"{summary.get('max_epochs')} epochs")
     n_seeds = len(a["seeds"])
     line = (f"{head}, lr {a['lr']:.4g}: {plain(a['steps_to_target'])} steps, {plain(a['samples_to_target'])} samples "
             f"to target{f' (median of {n_seeds} seeds)' if n_seeds > 1 else ''}")

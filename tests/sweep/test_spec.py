@@ -36,7 +36,8 @@ def test_a_sweep_reads_with_defaults_and_its_base_job_relative_to_it(tmp_path):
 
 
 def test_the_shipped_sweeps_read():
-    for name in ("digits-sweep.yaml", "fashion-mnist-sweep.yaml"):
+    for name in ("digits-sweep.yaml", "fashion-mnist-sweep.yaml", "digits-adaptive-sweep.yaml",
+                 "fashion-mnist-adaptive-sweep.yaml"):
         spec, base = load_sweep(os.path.join(JOBS, name))
         assert len(spec.batch_sizes) >= 3 and base.data.validation_fraction > 0
 
