@@ -23,6 +23,7 @@ import benchlib
 import numpy as np
 from benchlib import GRAD_FLOATS, median_time_ms, steal_idle
 
+from distffn.data.sharding import Batch
 from distffn.parallel.backend import Totals
 
 
@@ -46,7 +47,7 @@ class Stepper:
     def run(self, k):
         be, B, lr = self.be, self.B, self.lr
         for _ in range(k):
-            be.train_step(self.epoch, self.batch, B, lr)
+            be.train_step(Batch(self.epoch, self.batch * B, (self.batch + 1) * B, self.steps), lr)
             self.steps += 1
             self.batch += 1
             if self.batch == self.full:

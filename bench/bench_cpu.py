@@ -33,6 +33,8 @@ import benchlib
 import numpy as np
 from benchlib import JOB, log, wait_idle
 
+from distffn.data.sharding import Batch
+
 TORCH_TARGET = {128: 1.2, 512: 1.0}     # distffn / torch, ratio of medians
 GEMM_TARGET = 0.75                      # distffn / GEMM-only bound
 
@@ -111,7 +113,7 @@ class DistffnRunner:
         t0 = time.perf_counter()
         for _ in range(k):
             lr = self.lr_fn(opt, self.step, self.total)
-            be.train_step(self.epoch, self.batch, B, lr)
+            be.train_step(Batch(self.epoch, self.batch * B, (self.batch + 1) * B, self.step), lr)
             self.step += 1
             self.batch += 1
             if self.batch == self.full:

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 
 from distffn.data.prepare import prepare_data  # noqa: E402
-from distffn.data.sharding import steps_per_epoch  # noqa: E402
+from distffn.data.sharding import fixed_batch, steps_per_epoch  # noqa: E402
 from distffn.jobspec import load_job  # noqa: E402
 from distffn.parallel.local import LocalBackend  # noqa: E402
 from distffn.xp import limit_blas_threads  # noqa: E402
@@ -39,12 +39,13 @@ def time_steps(job, data, model, steps: int) -> tuple[float, float]:
     theta = np.empty(model.num_params, np.float32)
     model.init_params(theta, 0)
     backend.start(theta, None, 0)
-    spe = steps_per_epoch(data.x_train.shape[0], job.training.batch_size, True)
+    n = data.x_train.shape[0]
+    spe = steps_per_epoch(n, job.training.batch_size, True)
     measured = job.metrics.noise_scale
 
     def run(first, n):
         for s in range(first, first + n):
-            backend.train_step(s // spe, s % spe, job.training.batch_size, 0.01)
+            backend.train_step(fixed_batch(n, job.training.batch_size, s // spe, s % spe, s), 0.01)
             if (s + 1) % 50 == 0:
                 backend.train_totals()
                 if measured:

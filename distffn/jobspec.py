@@ -11,7 +11,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -67,10 +67,24 @@ class OptimizerConfig:
     warmup_steps: int = 0
 
 
+ADAPTIVE = "adaptive"
+ADAPTIVE_RULES = ("noise", "goodput")
+
+
+@dataclass
+class AdaptiveConfig:
+    """``training.batch_size: adaptive``: the run re-chooses its global batch as it trains."""
+    start: int = 128                    # the first batch, and AdaScale's base batch (gain 1)
+    max: int = 4096                     # the largest batch it may choose
+    every_steps: int = 50               # steps between choices
+    rule: str = "noise"                 # noise: follow B_simple | goodput: Pollux's throughput × efficiency
+    multiple: int = 0                   # batches are multiples of this (0: scaling.num_workers)
+
+
 @dataclass
 class TrainingConfig:
     epochs: int = 20
-    batch_size: int = 128               # the global mini-batch
+    batch_size: Union[int, str] = 128   # the global mini-batch, or "adaptive" (training.adaptive)
     seed: int = 0
     drop_last: bool = False             # keep the short last batch of an epoch by default
     eval_every: int = 0                 # steps between evaluations; 0 = at the end of every epoch
@@ -78,6 +92,21 @@ class TrainingConfig:
     max_steps: int = 0                  # stop after this many updates in all (0: no limit)
     target_metric: Optional[str] = None  # stop at the first evaluation that reaches target_value
     target_value: Optional[float] = None
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+
+    @property
+    def is_adaptive(self) -> bool:
+        return self.batch_size == ADAPTIVE
+
+    @property
+    def first_batch(self) -> int:
+        """The global batch of the first step."""
+        return self.adaptive.start if self.is_adaptive else self.batch_size
+
+    @property
+    def largest_batch(self) -> int:
+        """The largest global batch the run may step with (what memory is sized for)."""
+        return self.adaptive.max if self.is_adaptive else self.batch_size
 
 
 @dataclass
@@ -143,7 +172,9 @@ def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return f"{_type_name(args[0])} or null"
+        return " or ".join(_type_name(a) for a in args) + (" or null" if type(None) in typing.get_args(tp) else "")
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
             list: "a list", dict: "a mapping"}.get(tp, str(tp))
 
@@ -152,10 +183,17 @@ def _coerce(value, tp, where: str):
     """Check ``value`` against the dataclass field type ``tp``; ints are accepted as floats."""
     origin = typing.get_origin(tp)
     if origin is typing.Union:
-        if value is None:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(value, inner, where)
+        for inner in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, inner, where)
+            except UserError:
+                pass
+        raise UserError(f"{where}: expected {_type_name(tp)}, got {short(value)}")
+    if dataclasses.is_dataclass(tp):
+        return build_section(tp, value, where)
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -248,7 +286,11 @@ def validate(job: JobConfig) -> JobConfig:
 
     _positive(t.epochs, "training.epochs")
     _positive(t.seed, "training.seed", allow_zero=True)
-    _positive(t.batch_size, "training.batch_size")
+    if isinstance(t.batch_size, str):
+        if t.batch_size != ADAPTIVE:
+            raise UserError(f"training.batch_size: expected a positive integer or {ADAPTIVE}, got {short(t.batch_size)}")
+        _check_adaptive(job)
+    _positive(t.batch_size if t.batch_size != ADAPTIVE else t.adaptive.start, "training.batch_size")
     _positive(t.eval_every, "training.eval_every", allow_zero=True)
     _positive(t.eval_batch_size, "training.eval_batch_size")
     _positive(t.max_steps, "training.max_steps", allow_zero=True)
@@ -283,9 +325,11 @@ def validate(job: JobConfig) -> JobConfig:
     if s.cpus_per_worker and s.backend != "ray":
         raise UserError(f"scaling.cpus_per_worker: sizes Ray's workers; with scaling.backend: {s.backend} "
                         f"each worker uses the cores of its share of the node; use 0")
-    if s.num_workers > t.batch_size:
+    smallest, field_name = (t.adaptive.start, "training.adaptive.start") if t.batch_size == ADAPTIVE else \
+        (t.batch_size, "training.batch_size")
+    if s.num_workers > smallest:
         raise UserError(f"scaling.num_workers: {s.num_workers} workers cannot share a global batch of "
-                        f"{t.batch_size} samples (training.batch_size); use at most {t.batch_size}")
+                        f"{smallest} samples ({field_name}); use at most {smallest}")
 
     _positive(job.metrics.noise_every, "metrics.noise_every")
     if not 0.0 <= job.metrics.noise_ema < 1.0:
@@ -304,6 +348,28 @@ def validate(job: JobConfig) -> JobConfig:
         raise UserError(f"failure.min_workers: going on with fewer workers needs scaling.backend: ray (with "
                         f"{s.backend} the launcher starts every rank again); got {k} of {s.num_workers}")
     return job
+
+
+def _check_adaptive(job: JobConfig):
+    """``training.adaptive``: the bounds, the rule, and an optimizer and schedule that AdaScale
+    can scale (its gain is derived for SGD with momentum; a schedule is read in
+    scale-invariant steps, so it may not depend on the run's length in steps)."""
+    a, o = job.training.adaptive, job.optimizer
+    for name in ("start", "max", "every_steps"):
+        _positive(getattr(a, name), f"training.adaptive.{name}")
+    _positive(a.multiple, "training.adaptive.multiple", allow_zero=True)
+    if a.start > a.max:
+        raise UserError(f"training.adaptive.start: {a.start} is above training.adaptive.max ({a.max}); "
+                        f"expected start <= max")
+    if a.rule not in ADAPTIVE_RULES:
+        raise UserError(f"training.adaptive.rule: expected one of {', '.join(ADAPTIVE_RULES)}; got {short(a.rule)}")
+    if o.name == "adam":
+        raise UserError("optimizer.name: adam with training.batch_size: adaptive: AdaScale's learning-rate "
+                        "gain holds for SGD with momentum; use momentum or nesterov, or a fixed batch size")
+    if o.schedule == "cosine":
+        raise UserError("optimizer.schedule: cosine is fixed to the run's length in steps, which an adaptive "
+                        "batch changes as it trains; use constant, inverse_time or step (their steps count "
+                        "at training.adaptive.start), or a fixed batch size")
 
 
 def from_dict(raw: Any, source: str = "job spec") -> JobConfig:
@@ -326,7 +392,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {text!r}: expected section.key=value")
     key, value = text.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
+    if len(parts) not in (2, 3) or not all(parts):
         if parts == ["name"]:
             return parts, value
         raise UserError(f"--set {text!r}: expected section.key=value, e.g. training.epochs=5")
@@ -344,14 +410,21 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if parts == ["name"]:
             raw["name"] = value
             continue
-        section, key = parts
+        section, key = parts[:2]
         if section not in SECTIONS:
             raise UserError(f"--set {text!r}: unknown section {section!r} (expected: {', '.join(SECTIONS)})")
         if raw.get(section) is None:
             raw[section] = {}
         if not isinstance(raw[section], dict):
             raise UserError(f"{section}: expected a mapping of keys")
-        raw[section][key] = value
+        if len(parts) == 3:             # section.mapping.key, e.g. training.adaptive.rule
+            if raw[section].get(key) is None:
+                raw[section][key] = {}
+            if not isinstance(raw[section][key], dict):
+                raise UserError(f"{section}.{key}: expected a mapping of keys")
+            raw[section][key][parts[2]] = value
+        else:
+            raw[section][key] = value
     return raw
 
 

@@ -6,7 +6,8 @@ Two tables make it: ``DATA`` (a data kind → the job-spec fragment that makes t
 runs). The test is their product; a new data kind or command joins by one line in its table.
 
                    local        mpi (2 ranks)             ray (2 workers)   Ray Jobs, SLURM
-  run, --resume    every kind   EVERYWHERE                EVERYWHERE
+  run, --resume,   every kind   EVERYWHERE                EVERYWHERE
+  adaptive batch
   eval, plot,      every kind
   noise-scale
   sweep            every kind   EVERYWHERE (timed runs)
@@ -295,6 +296,44 @@ def check_resume(cell):
     assert_bit_for_bit(cell.base(), out)
 
 
+ADAPTIVE = ["--set", "training.batch_size=adaptive", "--set", "metrics.noise_every=1",
+            "--set", "training.adaptive={start: 8, max: 64, every_steps: 2, multiple: 2}"]
+
+
+def check_adaptive(cell):
+    """``training.batch_size: adaptive``: batches re-chosen every 2 steps within [8, 64] in
+    multiples of 2, each a ``batch`` record; a run stopped between two choices and
+    checkpoints, then `--resume`d, ends bit for bit with the uninterrupted adaptive run; 2
+    workers on mpi and ray choose the same batches as 1 local worker (its two halves are
+    their shards) and train its model."""
+    full, cut = cell.tmp / "adaptive", cell.tmp / "adaptive-cut"
+    code, stdout, stderr = cell.distffn("run", cell.job, "--out", full, "--no-progress", *ADAPTIVE)
+    assert code == 0, stdout + stderr
+    chosen = [(r["step"], r["batch_size"]) for r in records(full, "batch")]
+    assert len(chosen) >= 2 and all(8 <= b <= 64 and b % 2 == 0 for _, b in chosen), chosen
+    s = summary_of(full)
+    assert s["samples"] == EPOCHS * cell.kind.n_train and s["batch_size"] == chosen[-1][1], s
+    if cell.backend == "local":
+        stop = chosen[1][0] + 1                      # after a choice, before the next one
+        code, stdout, stderr = cell.distffn("run", cell.job, "--out", cut, "--no-progress", *ADAPTIVE,
+                                            "--set", f"training.max_steps={stop}")
+        assert code == 0, stdout + stderr
+        code, stdout, stderr = cell.distffn("run", cell.job, "--out", cut, "--no-progress", *ADAPTIVE, "--resume")
+        assert code == 0, stdout + stderr
+        assert f"(step {stop})" in stdout + stderr
+        assert_bit_for_bit(full, cut)
+        return
+    local = Cell(cell.name, cell.kind, "local", cell.runs, cell.tmp / "local", cell.request)
+    (cell.tmp / "local").mkdir()
+    reference = cell.tmp / "local" / "adaptive"
+    code, stdout, stderr = local.distffn("run", local.job, "--out", reference, "--no-progress", *ADAPTIVE)
+    assert code == 0, stdout + stderr
+    assert chosen == [(r["step"], r["batch_size"]) for r in records(reference, "batch")]
+    a, b = final_model(reference)[0], final_model(full)[0]
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=2e-6, err_msg=name)
+
+
 def check_eval(cell):
     """The test loss and accuracy the run's summary gives, printed."""
     run = cell.base()
@@ -455,6 +494,7 @@ SCHEDULERS = ("ray", "slurm")
 COMMANDS = {
     "run": Command(check_run, BACKENDS),
     "resume": Command(check_resume, BACKENDS),
+    "adaptive": Command(check_adaptive, BACKENDS),
     "eval": Command(check_eval),
     "plot": Command(check_plot),
     "noise-scale": Command(check_noise_scale),

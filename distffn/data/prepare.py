@@ -39,9 +39,11 @@ def prepare_data(job) -> tuple[Dataset, PreparedData, MLP]:
     ds = load_dataset(job.data, job.training.seed)
     model.check_data(ds.num_features, job.data.dataset)
     n = ds.x_train.shape[0]
-    if job.training.batch_size > n:
+    largest = job.training.largest_batch
+    if largest > n:
         carved = " left after data.validation_fraction" if ds.x_val is not None else ""
-        raise UserError(f"training.batch_size: {job.training.batch_size} is larger than the {n:,} "
+        field = "training.adaptive.max" if job.training.is_adaptive else "training.batch_size"
+        raise UserError(f"{field}: {largest} is larger than the {n:,} "
                         f"training samples{carved} of data.dataset {job.data.dataset!r}")
     where = f"data.dataset {job.data.dataset!r}"
     obj = model.objective

@@ -3,7 +3,25 @@ batches, each split into near-equal shards. Every worker computes this itself fr
 (seed, epoch), so no index lists travel."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+
+
+class Batch(NamedTuple):
+    """One global batch: samples [start, stop) of ``epoch``'s permutation, for update number
+    ``step`` of the run. A fixed batch size makes them consecutive slices of equal size; an
+    adaptive one changes the size between steps, and the shards split each the same way."""
+    epoch: int
+    start: int
+    stop: int
+    step: int
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def describe(self) -> str:
+        return f"step {self.step + 1} (epoch {self.epoch + 1})"
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -19,6 +37,12 @@ def batch_bounds(n: int, batch_size: int, batch_index: int) -> tuple[int, int]:
     """[start, stop) of global batch ``batch_index`` in the epoch's permutation."""
     start = batch_index * batch_size
     return start, min(start + batch_size, n)
+
+
+def fixed_batch(n: int, batch_size: int, epoch: int, batch_index: int, step: int) -> Batch:
+    """Global batch ``batch_index`` of ``epoch`` at a fixed ``batch_size``, as update ``step``."""
+    start, stop = batch_bounds(n, batch_size, batch_index)
+    return Batch(epoch, start, stop, step)
 
 
 def shard_bounds(batch_len: int, num_workers: int, rank: int) -> tuple[int, int]:

@@ -99,8 +99,9 @@ class GradNorms:
 
 
 def noise_every(job) -> int:
-    """Steps between gradient-norm measurements; 0 unless ``metrics.noise_scale``."""
-    return job.metrics.noise_every if job.metrics.noise_scale else 0
+    """Steps between gradient-norm measurements; 0 unless ``metrics.noise_scale`` or an
+    adaptive batch size (which is chosen from them)."""
+    return job.metrics.noise_every if job.metrics.noise_scale or job.training.is_adaptive else 0
 
 
 def squared_norm(xp, v) -> float:
@@ -164,9 +165,9 @@ class Backend:
         buffers); the root process's copy counts."""
         raise NotImplementedError
 
-    def train_step(self, epoch: int, batch_index: int, batch_len: int, lr: float):
-        """One update from global batch ``batch_index`` of ``epoch`` (``batch_len`` samples);
-        a backend may queue it until :meth:`sync`."""
+    def train_step(self, batch, lr: float):
+        """One update from the global ``batch`` (:class:`~distffn.data.sharding.Batch`) at rate
+        ``lr``; a backend may queue it until :meth:`sync`."""
         raise NotImplementedError
 
     def sync(self):

@@ -31,18 +31,18 @@ class LocalBackend(Backend):
                                      noise_every=noise_every(self.job))
         self._sum = xp.empty_like(self.aggregator.theta) if self.num_workers > 1 else None
 
-    def train_step(self, epoch, batch_index, batch_len, lr):
+    def train_step(self, batch, lr):
         t0 = time.perf_counter()
         theta = self.aggregator.theta
         if self.num_workers == 1:
-            grad = self.workers[0].compute(theta, epoch, batch_index)
+            grad = self.workers[0].compute(theta, batch)
         else:
             grad = self._sum
             grad[...] = 0
             for w in self.workers:
-                grad += w.compute(theta, epoch, batch_index)
+                grad += w.compute(theta, batch)
         t1 = time.perf_counter()
-        self.aggregator.apply(grad, batch_len, lr)
+        self.aggregator.apply(grad, len(batch), lr)
         t2 = time.perf_counter()
         self.times.compute += t1 - t0
         self.times.update += t2 - t1

@@ -195,23 +195,23 @@ class MPIBackend(Backend):
                 polls = _poll(polls)
         self.stop_signal = self.stop_signal or stop
 
-    def train_step(self, epoch, batch_index, batch_len, lr):
+    def train_step(self, batch, lr):
         MPI, comm = self.MPI, self.comm
         t0 = time.perf_counter()
-        grad = self.worker.compute(self.theta, epoch, batch_index)
+        grad = self.worker.compute(self.theta, batch)
         t1 = time.perf_counter()
-        self._handshake(f"step {batch_index + 1} of epoch {epoch + 1}")
+        self._handshake(batch.describe())
         if self.mode == "allreduce":
             comm.Allreduce(MPI.IN_PLACE, grad, op=MPI.SUM)
             t2 = time.perf_counter()
-            self.aggregator.apply(grad, batch_len, lr)
+            self.aggregator.apply(grad, len(batch), lr)
             t3 = time.perf_counter()
             t4 = t3
         else:
             comm.Reduce(grad, self._sum, op=MPI.SUM, root=0)
             t2 = time.perf_counter()
             if self.is_root:
-                self.aggregator.apply(self._sum, batch_len, lr)
+                self.aggregator.apply(self._sum, len(batch), lr)
             t3 = time.perf_counter()
             comm.Bcast(self.theta, root=0)
             t4 = time.perf_counter()

@@ -76,9 +76,9 @@ class _RankActor:
         self.backend.start(theta, optimizer_state, step)
 
     def run(self, steps):
-        """Consecutive steps, each (epoch, batch_index, batch_len, lr)."""
-        for epoch, batch_index, batch_len, lr in steps:
-            self.backend.train_step(epoch, batch_index, batch_len, lr)
+        """Consecutive steps, each (batch, lr)."""
+        for batch, lr in steps:
+            self.backend.train_step(batch, lr)
 
     def call(self, method: str):
         """A backend method with no arguments: train_totals, pop_times, grad_norms (collectives), state."""
@@ -136,8 +136,8 @@ class RayAllreduceBackend(RayBackend):
         theta, state = self.ray.put(theta), self.ray.put(optimizer_state)     # once, for every actor
         self._get([w.start.remote(theta, state, step) for w in self.workers], "start-up")
 
-    def train_step(self, epoch, batch_index, batch_len, lr):
-        self._steps.append((epoch, batch_index, batch_len, lr))
+    def train_step(self, batch, lr):
+        self._steps.append((batch, lr))
         if len(self._steps) >= MAX_CHUNK:
             self._run_steps()
 
@@ -145,10 +145,8 @@ class RayAllreduceBackend(RayBackend):
         steps, self._steps = self._steps, []
         if not steps:
             return
-        (e0, b0, _, _), (e1, b1, _, _) = steps[0], steps[-1]
-        what = (f"step {b0 + 1} of epoch {e0 + 1}" if len(steps) == 1 else
-                f"steps {b0 + 1}–{b1 + 1} of epoch {e0 + 1}" if e0 == e1 else
-                f"step {b0 + 1} of epoch {e0 + 1} to step {b1 + 1} of epoch {e1 + 1}")
+        first, last = steps[0][0], steps[-1][0]
+        what = first.describe() if len(steps) == 1 else f"steps {first.step + 1}–{last.step + 1}"
         self._healthy = False            # until the chunk is back: close() then only kills
         # each collective inside has the job's timeout; this one only backs them up
         self._get([w.run.remote(steps) for w in self.workers], what,

@@ -29,10 +29,10 @@ class _WorkerActor:
     def process(self) -> dict:
         return actor_process()
 
-    def compute(self, theta, epoch, batch_index):
+    def compute(self, theta, batch):
         t0 = time.perf_counter()
         theta = self.xp.asarray(theta)
-        grad = to_numpy(self.worker.compute(theta, epoch, batch_index))
+        grad = to_numpy(self.worker.compute(theta, batch))
         self.compute_times.append(time.perf_counter() - t0)
         return grad
 
@@ -107,14 +107,14 @@ class RayCentralBackend(RayBackend):
                                                          noise_every(self.job))
         self.theta_ref = self.ray.put(theta)
 
-    def train_step(self, epoch, batch_index, batch_len, lr):
+    def train_step(self, batch, lr):
         t0 = time.perf_counter()
-        grads = [w.compute.remote(self.theta_ref, epoch, batch_index) for w in self.workers]
-        self.theta_ref, ok = self.aggregator.apply.options(num_returns=2).remote(lr, batch_len, *grads)
+        grads = [w.compute.remote(self.theta_ref, batch) for w in self.workers]
+        self.theta_ref, ok = self.aggregator.apply.options(num_returns=2).remote(lr, len(batch), *grads)
         # one step in flight: submitting step s+1 overlaps the tail of step s
         if self._pending is not None:
             self._wait_step(*self._pending)
-        self._pending = (grads, ok, f"step {batch_index + 1} of epoch {epoch + 1}")
+        self._pending = (grads, ok, batch.describe())
         self._wall += time.perf_counter() - t0
 
     def _wait_step(self, grads, ok, what):

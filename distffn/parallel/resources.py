@@ -30,7 +30,7 @@ def worker_bytes(job, model, num_buffers: int) -> int:
     (z, a, dz, da) per unit for a batch shard and for an evaluation chunk."""
     params = model.num_params * (3 + num_buffers)
     units = sum(model.sizes[1:]) * model.hidden.pieces
-    rows = job.training.batch_size + job.training.eval_batch_size
+    rows = job.training.largest_batch + job.training.eval_batch_size
     return 4 * (params + 4 * units * rows)
 
 

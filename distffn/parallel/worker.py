@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import kernels
 from ..data.byte_images import ByteImages
-from ..data.sharding import batch_bounds, epoch_permutation, shard_bounds, steps_per_epoch
+from ..data.sharding import Batch, epoch_permutation, shard_bounds
 from ..nn.model import MLP
 from .backend import GradNorms, noise_every, squared_norm
 
@@ -55,7 +55,6 @@ class Worker:
         self.calls = 0
         # metrics.noise_scale: |ΔΘ|² of the shard on every noise_every-th step of the run
         self.noise_every = noise_every(job)
-        self.steps_per_epoch = steps_per_epoch(self.n, job.training.batch_size, job.training.drop_last)
         self.norms = GradNorms()
         self._half = None
         self.reset_stats()
@@ -74,10 +73,10 @@ class Worker:
         out, self.norms = self.norms, GradNorms()
         return out
 
-    def measures(self, epoch: int, batch_index: int) -> bool:
+    def measures(self, step: int) -> bool:
         """Whether this step's gradient norms are measured: the same steps on every worker and
-        in the aggregator (step = epoch · steps per epoch + batch)."""
-        return bool(self.noise_every) and (epoch * self.steps_per_epoch + batch_index) % self.noise_every == 0
+        in the aggregator."""
+        return bool(self.noise_every) and step % self.noise_every == 0
 
     def params(self, theta) -> dict:
         """Per-layer views of ``theta``, cached while the same buffer comes back every step."""
@@ -85,12 +84,11 @@ class Worker:
             self._theta_views = (theta, self.model.layout.views(theta))
         return self._theta_views[1]
 
-    def shard_indices(self, epoch: int, batch_index: int) -> np.ndarray:
-        if self._perm[0] != epoch:
-            self._perm = (epoch, epoch_permutation(self.job.training.seed, epoch, self.n))
-        start, stop = batch_bounds(self.n, self.job.training.batch_size, batch_index)
-        lo, hi = shard_bounds(stop - start, self.num_workers, self.rank)
-        return self._perm[1][start + lo:start + hi]
+    def shard_indices(self, batch: Batch) -> np.ndarray:
+        if self._perm[0] != batch.epoch:
+            self._perm = (batch.epoch, epoch_permutation(self.job.training.seed, batch.epoch, self.n))
+        lo, hi = shard_bounds(len(batch), self.num_workers, self.rank)
+        return self._perm[1][batch.start + lo:batch.start + hi]
 
     def _gather_buffers(self, n: int):
         bufs = self._gathered.get(n)
@@ -104,15 +102,15 @@ class Worker:
             self._gathered[n] = bufs
         return bufs
 
-    def compute(self, theta, epoch: int, batch_index: int):
-        """ΔΘ summed over this worker's shard of global batch ``batch_index`` of ``epoch``."""
+    def compute(self, theta, batch: Batch):
+        """ΔΘ summed over this worker's shard of the global ``batch``."""
         xp = self.xp
         self.calls += 1
         if self._fault and self.calls >= self._fault[0]:
             if self._fault[1] == "hang":
                 time.sleep(3600)
             raise RuntimeError(f"injected fault ({FAULT_ENV}) in worker {self.rank} at step {self.calls}")
-        idx = self.shard_indices(epoch, batch_index)
+        idx = self.shard_indices(batch)
         if len(idx) == 0:                  # a short last batch can leave a worker nothing
             self.grad[...] = 0
             return self.grad
@@ -129,7 +127,7 @@ class Worker:
         xp.take(self.t, idx, axis=0, out=t, **kw)
         if labels is not None:
             xp.take(self.labels, idx, axis=0, out=labels, **kw)
-        measure = self.measures(epoch, batch_index)
+        measure = self.measures(batch.step)
         if measure and self.num_workers == 1 and len(idx) >= 2:
             self._two_halves(theta, x, t, labels)
         else:
@@ -148,7 +146,7 @@ class Worker:
         """One worker alone has no second shard to compare with: ΔΘ of each half of its
         batch, measured, then summed (the noise scale's two batch sizes are B/2 and B)."""
         xp, n = self.xp, x.shape[0]
-        h = n // 2
+        h = n - n // 2                      # split as two workers' shards are (shard_bounds)
         if self._half is None:
             self._half = xp.zeros_like(self.grad)
         params = self.params(theta)

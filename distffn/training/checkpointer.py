@@ -26,7 +26,10 @@ class RunState:
     """Where a run stands: restored from a checkpoint on resume."""
     step: int = 0           # updates applied so far
     epoch: int = 0          # epoch in progress (0-based)
-    batch: int = 0          # next global batch within that epoch
+    batch: int = 0          # global batches stepped through in that epoch
+    sample: int = 0         # where the next batch starts in the epoch's permutation
+    samples: int = 0        # training samples stepped through in all
+    adaptive: Optional[dict] = None     # an adaptive batch size's schedule (training.adaptive)
 
 
 @dataclass
@@ -70,6 +73,16 @@ def trajectory_changes(saved_spec: dict, job) -> list[str]:
     return changes
 
 
+def restored_state(meta: dict, job) -> RunState:
+    """The run's position from a checkpoint's meta. One written before positions were kept in
+    samples (always a fixed batch size) has them from its batch count; its ``samples`` is
+    None for the trainer to count (it knows the split's size)."""
+    state = RunState(meta["step"], meta["epoch"], meta["batch"], adaptive=meta.get("adaptive"))
+    state.sample = meta.get("sample", state.batch * (job.training.batch_size if not job.training.is_adaptive else 0))
+    state.samples = meta.get("samples")
+    return state
+
+
 class Checkpointer(Extension):
     """Every ``checkpoint.every_steps`` steps (0: none between epochs), at the end of every
     epoch and of the run (an early stop too), and at step 0 of a new run (so every run can be
@@ -95,6 +108,9 @@ class Checkpointer(Extension):
             self(trainer)
 
     def __call__(self, trainer):
+        adaptive = getattr(trainer, "adaptive", None)
+        if adaptive is not None:             # every process: it may pull norms (a collective)
+            trainer.state.adaptive = adaptive.checkpoint_state(trainer)
         if not trainer.is_root:
             return
         theta, optimizer_state = trainer.backend.state()
@@ -108,11 +124,12 @@ class Checkpointer(Extension):
             raise TrainingDiverged(f"training diverged by step {state.step}: parameters are NaN or "
                                    f"infinite (lower optimizer.lr?); the last good checkpoint is kept")
         seed = self.job.training.seed
-        meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch,
+        meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch, "sample": state.sample,
+                "samples": state.samples, **({"adaptive": state.adaptive} if state.adaptive else {}),
                 "optimizer": {"name": self.job.optimizer.name, "buffers": list(self.buffers)},
                 "job": self.job.to_dict(),
                 "rng": {"generator": "numpy PCG64", "seed": seed, "epoch_seed": [seed, state.epoch],
-                        "position": state.batch}}
+                        "position": state.sample}}
         path = os.path.join(self.folder, ckpt.checkpoint_name(state.step))
         try:
             ckpt.save_checkpoint(path, ckpt.pack_state(self.layout, theta, optimizer_state), meta)
@@ -142,4 +159,4 @@ class Checkpointer(Extension):
                             f"(the run was started with the first value; start a new run with --out, "
                             f"or resume with the run's own spec)")
         theta, optimizer_state = ckpt.unpack_state(self.layout, arrays, self.buffers, path)
-        return Restored(path, theta, optimizer_state, RunState(meta["step"], meta["epoch"], meta["batch"]))
+        return Restored(path, theta, optimizer_state, restored_state(meta, self.job))

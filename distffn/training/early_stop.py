@@ -50,7 +50,7 @@ class EarlyStop(Extension):
                 state = trainer.state
                 self.reached = {"metric": self.metric_name, "value": self.value, "reached": True,
                                 "observed": observed, "step": state.step,
-                                "epoch": round(state.step / trainer.steps_per_epoch, 4),
+                                "epoch": trainer.epoch_progress(),
                                 "samples": trainer.samples_seen(),      # before a resume too
                                 "train_seconds": round(trainer.train_seconds + trainer.epoch_seconds, 4)}
                 trainer.observation["target"] = self.reached

@@ -116,14 +116,17 @@ class MetricsLog(Extension):
         self._write(trainer, {
             "event": "start", "num_params": trainer.model.num_params, "num_workers": backend.num_workers,
             "backend": job.scaling.backend, "aggregation": job.scaling.aggregation, "n_train": trainer.n_train, "n_test": trainer.n_test,
-            "steps_per_epoch": trainer.steps_per_epoch, "epochs": job.training.epochs, "start_step": state.step,
+            # an adaptive batch has no fixed count (its batch records say what it steps with)
+            "steps_per_epoch": None if job.training.is_adaptive else trainer.steps_per_epoch, "epochs": job.training.epochs, "start_step": state.step,
             "placement": placement, "data_source": trainer.data_source,
             **({"placement_strategy": job.scaling.placement} if job.scaling.backend == "ray" else {}),
             **({"n_validation": trainer.n_validation} if trainer.n_validation else {}),
             **({"restarted_after": restart_cost(trainer)} if getattr(trainer, "failure", None) else {})})
         self.echo(f"{job.name}: {trainer.model.num_params:,} parameters, {trainer.n_train:,} training / "
                   f"{trainer.n_test:,} test samples, {job.training.epochs} epochs of "
-                  f"{trainer.steps_per_epoch} steps, {backend.num_workers} worker(s) on {job.scaling.backend}"
+                  + (f"adaptive batches ({job.training.adaptive.start} to {job.training.adaptive.max}, rule "
+                     f"{job.training.adaptive.rule})" if job.training.is_adaptive else f"{trainer.steps_per_epoch} steps")
+                  + f", {backend.num_workers} worker(s) on {job.scaling.backend}"
                   f"{f' ({job.scaling.aggregation})' if job.scaling.backend != 'local' else ''}; "
                   f"data from {trainer.data_source}")
 
@@ -151,7 +154,7 @@ class MetricsLog(Extension):
         if fields["test_accuracy"] is not None:
             self.best_accuracy = max(self.best_accuracy or 0.0, fields["test_accuracy"])
         self._write(trainer, {"event": "eval", "step": state.step,
-                              "epoch": round(state.step / trainer.steps_per_epoch, 4), "lr": trainer.lr,
+                              "epoch": trainer.epoch_progress(), "lr": trainer.lr,
                               **fields, "elapsed_s": round(time.perf_counter() - trainer.t_start, 3)})
 
     def __call__(self, trainer):
@@ -183,7 +186,8 @@ class MetricsLog(Extension):
         if trainer.is_root and trainer.steps_run == 0:
             self.echo(f"{job.name}: already trained to step {state.step}; nothing to do")
         summary = {
-            "name": job.name, "epochs": job.training.epochs, "step": state.step,
+            "name": job.name, "epochs": job.training.epochs, "step": state.step, "samples": trainer.samples_seen(),
+            **({"batch_size": trainer.batch_size} if job.training.is_adaptive else {}),     # the last one chosen
             "train_loss": self.last_epoch.get("train_loss"), "train_accuracy": self.last_epoch.get("train_accuracy"),
             "test_loss": rate(test, "loss"),
             "test_accuracy": rate(test, "acc") if trainer.classifies else None,

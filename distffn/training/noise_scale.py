@@ -72,7 +72,7 @@ class NoiseScaleLog(Extension):
         b_simple = tr_hat / g2_hat if g2_hat > 0 else None
         step = trainer.state.step
         append_record(self.path, {
-            "event": "noise", "step": step, "epoch": round(step / trainer.steps_per_epoch, 4),
+            "event": "noise", "step": step, "epoch": trainer.epoch_progress(),
             "b_simple": b_simple, "grad_norm_sq": g2_hat, "trace_sigma": tr_hat,
             "b_small": round(b_small, 3), "b_big": round(b_big, 3), "measured_steps": norms.steps})
 

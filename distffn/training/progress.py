@@ -53,13 +53,18 @@ class ProgressReport(Extension):
             return
         state, epochs = trainer.state, trainer.job.training.epochs
         epoch = state.epoch - 1 if trainer.epoch_ended else state.epoch
+        # an adaptive batch has no fixed count of steps per epoch: the bar counts samples
+        adaptive = trainer.job.training.is_adaptive
+        total = trainer.n_train if adaptive else trainer.steps_per_epoch
         if self.bar is None:
-            self.bar = ProgressBar(trainer.steps_per_epoch, f"epoch {epoch + 1}/{epochs}", enabled=self.enabled)
+            self.bar = ProgressBar(total, f"epoch {epoch + 1}/{epochs}", enabled=self.enabled)
         totals = trainer.epoch_totals
         stats = {"loss": f"{rate(totals, 'loss'):.4f}"}
         if trainer.classifies:
             stats["acc"] = f"{100 * rate(totals, 'acc'):.1f}%"
-        self.bar.update(trainer.steps_per_epoch if trainer.epoch_ended else state.batch, **stats)
+        if adaptive:
+            stats["batch"] = trainer.batch_size
+        self.bar.update(total if trainer.epoch_ended else state.sample if adaptive else state.batch, **stats)
         if trainer.epoch_ended:
             self.bar.close()
             self.bar = None

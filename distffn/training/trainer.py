@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..data.prepare import prepare_data
-from ..data.sharding import batch_bounds, steps_per_epoch
+from ..data.sharding import Batch, batch_bounds, steps_per_epoch
 from ..errors import Interrupted, StorageFailed, WorkerFailed
 from ..files import drop_torn_tail, write_atomic
 from ..kernel_warmup import warm_up
@@ -22,6 +22,7 @@ from ..parallel import make_backend
 from ..parallel.backend import Totals
 from ..parallel.launch import RESTARTED_BY_LAUNCHER
 from ..parallel.resources import check_memory, note, workers_on_this_node
+from .adaptive import AdaptiveBatch
 from .checkpointer import Checkpointer, RunState
 from .early_stop import EarlyStop
 from .evaluation import Evaluator
@@ -83,9 +84,11 @@ class Trainer:
         evaluator = Evaluator(self.job, data, self.backend)
         t = self.job.training
         exts = [TrainTotals(every), DivergenceGuard(every, self.ckpt_dir), evaluator, checkpointer,
+                *([self.adaptive] if self.adaptive is not None else []),
                 ProgressReport(every, self.progress), MetricsLog(self.out_dir, evaluator.trigger, self.echo),
                 *([EarlyStop(self.job, evaluator.trigger)] if t.max_steps or t.target_metric else []),
-                *([NoiseScaleLog(self.job, every)] if self.job.metrics.noise_scale else []),
+                # an adaptive batch pulls the gradient norms itself (and logs the noise scale)
+                *([NoiseScaleLog(self.job, every)] if self.job.metrics.noise_scale and self.adaptive is None else []),
                 *self.user_extensions]
         # by priority, then in the order given (sorted is stable)
         return sorted(exts, key=lambda e: -e.priority)
@@ -101,7 +104,8 @@ class Trainer:
         self.n_validation = 0 if ds.x_val is None else int(ds.x_val.shape[0])
         self.data_source = ds.source
         del ds      # only data's arrays stay referenced (an MPI backend shares them on a node)
-        self.steps_per_epoch = steps_per_epoch(self.n_train, job.training.batch_size, job.training.drop_last)
+        # with an adaptive batch, the steps at the first batch (the schedule's base)
+        self.steps_per_epoch = steps_per_epoch(self.n_train, job.training.first_batch, job.training.drop_last)
         self.total_steps = self.steps_per_epoch * job.training.epochs
         buffers = OPTIMIZERS.get(job.optimizer.name).buffers
         checkpointer = Checkpointer(job, self.ckpt_dir, self.model.layout, buffers)
@@ -129,6 +133,8 @@ class Trainer:
                     note(f"{e}; going on with the {self.live_workers} workers left of {n} "
                          f"(failure.min_workers: {k}) from the newest checkpoint; the global batch "
                          f"stays {job.training.batch_size}")
+                    if job.training.is_adaptive and not job.training.adaptive.multiple:
+                        job.training.adaptive.multiple = n      # the batches stay multiples of the count asked for
                     job.scaling.num_workers = self.live_workers
                 else:
                     if limit != -1 and self.failures >= limit:
@@ -162,6 +168,12 @@ class Trainer:
                 optimizer_state, state = None, RunState()
             self.resumed_from = backend.broadcast(restored.path if restored else None)
             self.state = backend.broadcast(state)            # rank 0 decides where to start
+            if self.state.samples is None:                   # a checkpoint from before samples were kept
+                self.state.samples = self._fixed_samples_seen()
+            self.adaptive = None
+            if job.training.is_adaptive:
+                self.adaptive = AdaptiveBatch(job)
+                self.adaptive.restore(self.state.adaptive)
             backend.start(theta, optimizer_state, self.state.step)
             self.extensions = self._extensions(data, checkpointer)
             # overflow is caught explicitly (TrainingDiverged), not by NumPy warnings on stderr
@@ -227,10 +239,11 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def _loop(self):
         job, backend, state = self.job, self.backend, self.state
-        bs, epochs, spe = job.training.batch_size, job.training.epochs, self.steps_per_epoch
+        epochs, n, drop_last = job.training.epochs, self.n_train, job.training.drop_last
+        adaptive = self.adaptive
         self.observation: dict = {}
         self.stop_reason = None
-        self.lr = learning_rate(job.optimizer, state.step, self.total_steps)
+        self.lr = self._learning_rate()
         self.steps_run = 0
         self.train_seconds, self.train_samples = 0.0, 0
         self.startup_seconds, self.startup_samples = 0.0, 0
@@ -241,18 +254,24 @@ class Trainer:
             ext.initialize(self)
         self._mark = time.perf_counter()
         while not self.finished and self.stop_reason is None:
-            start, stop = batch_bounds(self.n_train, bs, state.batch)
-            self.lr = learning_rate(job.optimizer, state.step, self.total_steps)
-            backend.train_step(state.epoch, state.batch, stop - start, self.lr)
+            bs = self.batch_size
+            batch = Batch(state.epoch, state.sample, min(state.sample + bs, n), state.step)
+            self.lr = self._learning_rate()
+            backend.train_step(batch, self.lr)
             if not self.steps_run:
-                self._time_startup(stop - start)
+                self._time_startup(len(batch))
+            if adaptive is not None:
+                adaptive.stepped()
             state.step += 1
             state.batch += 1
+            state.sample = batch.stop
+            state.samples += len(batch)
             self.steps_run += 1
-            self.epoch_samples += stop - start
-            self.epoch_ended = state.batch == spe
+            self.epoch_samples += len(batch)
+            # the epoch ends with its last sample, or (training.drop_last) before a short batch
+            self.epoch_ended = batch.stop == n or (drop_last and n - batch.stop < bs)
             if self.epoch_ended:
-                state.epoch, state.batch = state.epoch + 1, 0
+                state.epoch, state.batch, state.sample = state.epoch + 1, 0, 0
             self.finished = state.epoch >= epochs
             self._fire()
             if self.epoch_ended:
@@ -274,9 +293,30 @@ class Trainer:
         self.epoch_seconds, self.epoch_samples = 0.0, 0
         self.epoch_startup = (0.0, 0)      # (seconds, samples) of the start-up step in this epoch
 
+    @property
+    def batch_size(self) -> int:
+        """The global batch of the coming step."""
+        return self.adaptive.batch_size if self.adaptive is not None else self.job.training.batch_size
+
+    def _learning_rate(self) -> float:
+        if self.adaptive is not None:
+            return self.adaptive.learning_rate(self.state.step)
+        return learning_rate(self.job.optimizer, self.state.step, self.total_steps)
+
     def samples_seen(self) -> int:
         """Training samples stepped through up to ``state.step``, before a resume included
         (``train_samples`` and ``epoch_samples`` count this life's only: they time throughput)."""
+        return self.state.samples
+
+    def epoch_progress(self) -> float:
+        """Epochs done, as a fraction: steps over steps per epoch on a fixed batch, the place
+        in the epoch's permutation on an adaptive one."""
+        state = self.state
+        if self.adaptive is None:
+            return round(state.step / self.steps_per_epoch, 4)
+        return round(state.epoch + state.sample / self.n_train, 4)
+
+    def _fixed_samples_seen(self) -> int:
         bs, state = self.job.training.batch_size, self.state
         per_epoch = batch_bounds(self.n_train, bs, self.steps_per_epoch - 1)[1]
         return state.epoch * per_epoch + batch_bounds(self.n_train, bs, state.batch)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from distffn.data.sharding import Batch
 from distffn.jobspec import from_dict
 
 from helpers import ADAM, assert_same_model, job_dict, train_in_process
@@ -23,10 +24,10 @@ def test_the_reference_is_sensitive_to_weighting(reference, tmp_path):
     backend.start(theta, None, 0)
     start = theta.copy()
     # the 1-sample last batch, split over 3 workers, weighted as if each held a third
-    backend.train_step(0, 2, 3, 0.1)
+    backend.train_step(Batch(0, 100, 103, 2), 0.1)           # counted as 3 samples, not 1
     wrong, _ = backend.state()
     backend.start(start, None, 0)
-    backend.train_step(0, 2, 1, 0.1)
+    backend.train_step(Batch(0, 100, 101, 2), 0.1)
     right, _ = backend.state()
     assert np.abs(wrong - right).max() > 1e-3
 
