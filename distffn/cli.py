@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "timed runs per batch size × workers, the critical-batch fit, the "
                                     "measured gradient noise scale and the α-β projection. Writes "
                                     "results.csv, summary.json, steps_vs_batch.png, time_vs_workers.png, "
-                                    "lr_vs_batch.png and every run under DIR.")
+                                    "lr_vs_batch.png, steps_vs_samples.png and every run under DIR.")
     sw.add_argument("sweep", metavar="SWEEP.yaml", help="the sweep spec")
     sw.add_argument("--out", metavar="DIR", help="sweep folder (default: sweeps/<name>); the same "
                     "command again skips the finished trials")
