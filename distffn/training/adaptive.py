@@ -101,21 +101,23 @@ SPREAD = 1.5        # the step-time model needs batch sizes at least this far ap
 
 
 def fit_step_time(segments: list) -> Optional[tuple[float, float]]:
-    """T(B) = a + b·B by least squares over ``segments`` [(batch, steps, seconds), ...],
-    weighted by steps; None until batch sizes :data:`SPREAD` apart were timed, or where the
-    times do not grow with the batch (timing noise: no usable per-sample cost). a is kept ≥ 0."""
-    sizes = [int(s[0]) for s in segments if s[1] > 0]
-    if not sizes or max(sizes) < SPREAD * min(sizes):
+    """T(B) = a + b·B by least squares through the fastest time per step seen at each batch
+    size in ``segments`` [(batch, steps, seconds), ...] (other work on the machine only ever
+    adds time, as the sweep's timed runs take their fastest); None until batch sizes
+    :data:`SPREAD` apart were timed, or where the times do not grow with the batch (no
+    usable per-sample cost). a is kept ≥ 0."""
+    fastest: dict = {}
+    for batch, steps, seconds in segments:
+        if steps > 0:
+            fastest[int(batch)] = min(fastest.get(int(batch), math.inf), seconds / steps)
+    if not fastest or max(fastest) < SPREAD * min(fastest):
         return None
-    bs = np.array([s[0] for s in segments if s[1] > 0], float)
-    w = np.array([s[1] for s in segments if s[1] > 0], float)
-    t = np.array([s[2] / s[1] for s in segments if s[1] > 0], float)
-    design = np.stack([np.ones_like(bs), bs], 1) * np.sqrt(w)[:, None]
-    (a, b), *_ = np.linalg.lstsq(design, t * np.sqrt(w), rcond=None)
+    bs, t = np.array(list(fastest), float), np.array(list(fastest.values()))
+    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(bs), bs], 1), t, rcond=None)
     if b <= 0:
         return None
     if a < 0:                           # through the origin: all per-sample cost
-        return 0.0, float(np.sum(w * bs * t) / np.sum(w * bs * bs))
+        return 0.0, float(np.sum(bs * t) / np.sum(bs * bs))
     return float(a), float(b)
 
 

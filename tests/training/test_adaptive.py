@@ -64,9 +64,11 @@ def test_the_noise_rule_rounds_to_multiples_within_the_bounds():
 
 
 def test_the_step_time_model_is_recovered_from_timed_segments():
-    """T(B) = a + b·B from (batch, steps, seconds) of segments at several sizes."""
+    """T(B) = a + b·B from (batch, steps, seconds) of segments at several sizes; a segment
+    slowed by other work on the machine (here 20×) does not move it."""
     a, b = 3e-3, 2e-5
     segments = [[B, k, k * (a + b * B)] for B, k in [(64, 10), (128, 7), (256, 3)]]
+    segments.append([128, 50, 50 * 20 * (a + b * 128)])
     fit = fit_step_time(segments)
     assert fit[0] == pytest.approx(a, rel=1e-9) and fit[1] == pytest.approx(b, rel=1e-9)
     assert fit_step_time([[64, 10, 0.5], [64, 3, 0.2]]) is None       # one size: no model yet
