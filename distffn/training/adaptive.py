@@ -169,7 +169,7 @@ class AdaptiveBatch(Extension):
     def batch_size(self) -> int:
         return self.state.batch
 
-    def learning_rate(self, step: int) -> float:
+    def learning_rate(self) -> float:
         """r · η(⌊τ⌋) for the coming step; the schedule counts steps at the base batch."""
         return self.state.gain * learning_rate(self.job.optimizer, int(self.state.progress), 0)
 
@@ -269,10 +269,9 @@ class AdaptiveBatch(Extension):
         path = os.path.join(trainer.out_dir, "metrics.jsonl")
         append_record(path, {
             "event": "batch", "step": step, "epoch": epoch, "batch_size": s.batch, "gain": s.gain,
-            "lr": self.learning_rate(step), "progress": s.progress, "b_simple": s.b_simple(),
+            "lr": self.learning_rate(), "progress": s.progress, "b_simple": s.b_simple(),
             "rule": self.cfg.rule, "samples": trainer.samples_seen()})
         est = s.estimates()
         if self.job.metrics.noise_scale and est is not None:       # what NoiseScaleLog writes on fixed batches
-            append_record(path, {"event": "noise", "step": step, "epoch": epoch,
-                                                 "b_simple": s.b_simple(), "grad_norm_sq": est[0],
-                                                 "trace_sigma": est[1]})
+            append_record(path, {"event": "noise", "step": step, "epoch": epoch, "b_simple": s.b_simple(),
+                                 "grad_norm_sq": est[0], "trace_sigma": est[1]})

@@ -300,7 +300,7 @@ class Trainer:
 
     def _learning_rate(self) -> float:
         if self.adaptive is not None:
-            return self.adaptive.learning_rate(self.state.step)
+            return self.adaptive.learning_rate()
         return learning_rate(self.job.optimizer, self.state.step, self.total_steps)
 
     def samples_seen(self) -> int:
