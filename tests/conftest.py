@@ -218,16 +218,16 @@ class HostSet:
 @pytest.fixture
 def test_hosts(tmp_path_factory):
     """Test hosts (:class:`HostSet`) removed after the test, also when it fails."""
-    hosts = HostSet(tmp_path_factory.mktemp("hosts") / "state")
-    try:
-        yield hosts
-    finally:
-        hosts.down()
+    yield from _host_set(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def module_hosts(tmp_path_factory):
     """The same, shared by a module's tests (a cluster on them starts once)."""
+    yield from _host_set(tmp_path_factory)
+
+
+def _host_set(tmp_path_factory):
     hosts = HostSet(tmp_path_factory.mktemp("hosts") / "state")
     try:
         yield hosts

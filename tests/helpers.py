@@ -537,3 +537,34 @@ def kill_a_worker_mid_run(cmd, run_dir, rank=1, after_checkpoints=3, timeout=240
             os.killpg(p.pid, signal.SIGKILL)
             p.communicate()
     return subprocess.CompletedProcess(cmd, p.returncode, out, err), victim
+
+
+def running_past(step):
+    """A ``done`` for :func:`wait_for_status`: past ``step``, or no longer pending or running."""
+    return lambda s: (s.get("step") or 0) >= step or s["state"] not in {"PENDING", "RUNNING"}
+
+
+def wait_for_status(distffn, job_id, done, timeout=240, poll_s=0.5) -> dict:
+    """``distffn status JOB_ID --json`` until ``done(status)`` holds or ``timeout`` s pass;
+    the last status either way (the caller asserts on it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = distffn("status", job_id, "--json")
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        if done(status) or time.monotonic() > deadline:
+            return status
+        time.sleep(poll_s)
+
+
+def assert_same_as_uninterrupted_mpi_run(job, run_dir, tmp_path, workers=2):
+    """The model in ``run_dir`` (a run that was stopped and resumed, or requeued) equals, bit
+    for bit, ``job`` run uninterrupted on ``workers`` MPI ranks on this machine (a sum of the
+    same shards is the same sum anywhere)."""
+    full = tmp_path / "full"
+    r = run_group([sys.executable, "-m", "distffn", "run", job, "--no-progress", "--out", str(full),
+                   "--set", "scaling.backend=mpi", "--set", f"scaling.num_workers={workers}"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    a, b = final_model(full)[0], final_model(run_dir)[0]
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)

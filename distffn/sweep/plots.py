@@ -221,6 +221,7 @@ def steps_vs_samples(summary: dict) -> Figure:
     ax.set_title(f"{summary['sweep']}: steps against samples to {t['metric']} {t['value']:g}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     plain_log_axes(ax)
+    ax.tick_params(axis="x", which="both", labelrotation=30)     # "300,000" labels side by side overlap
     _legend(ax, fontsize=7, loc="best")
     if not points:
         ax.text(0.5, 0.5, "no run reached the target", ha="center", transform=ax.transAxes)

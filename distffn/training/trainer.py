@@ -127,15 +127,15 @@ class Trainer:
                                            f"run the same command again with --resume") from None
                     raise                       # distffn's launcher restarts the ranks
                 n, k = job.scaling.num_workers, job.failure.min_workers
-                if k and k <= self.live_workers < n:
+                if k and k <= self.workers_left < n:
                     # elastic: the same global batch split over those left gives the same model
                     # (N workers train the model of 1), so nobody waits for a replacement
-                    note(f"{e}; going on with the {self.live_workers} workers left of {n} "
+                    note(f"{e}; going on with the {self.workers_left} workers left of {n} "
                          f"(failure.min_workers: {k}) from the newest checkpoint; the global batch "
                          f"stays {job.training.batch_size}")
                     if job.training.is_adaptive and not job.training.adaptive.multiple:
                         job.training.adaptive.multiple = n      # the batches stay multiples of the count asked for
-                    job.scaling.num_workers = self.live_workers
+                    job.scaling.num_workers = self.workers_left
                 else:
                     if limit != -1 and self.failures >= limit:
                         raise
@@ -150,7 +150,7 @@ class Trainer:
     def _attempt(self, data, checkpointer) -> dict:
         """One life of the backend: start (fresh or from the newest checkpoint), train, close."""
         job = self.job
-        self.backend, self.live_workers, self.failed_at = None, 0, None
+        self.backend, self.workers_left, self.failed_at = None, 0, None
         self.backend = backend = make_backend(job, data)
         self.is_root = backend.is_root
         try:
@@ -200,7 +200,7 @@ class Trainer:
             # gone, so that the workers placed next are not placed there
             limit = job.failure.max_failures
             if 0 < job.failure.min_workers < job.scaling.num_workers or limit == -1 or self.failures < limit:
-                self.live_workers = backend.live_workers()
+                self.workers_left = backend.live_workers()
             raise
         finally:
             backend.close()

@@ -11,12 +11,7 @@ import pytest
 
 from distffn.parallel.watchdog import process_table
 
-from helpers import (
-    is_loopback,
-    processes_naming,
-    session_listeners,
-    write_job,
-)
+from helpers import is_loopback, processes_naming, session_listeners, wait_for_status, write_job
 
 DIGITS_2 = {"name": "digits2", "data": {"dataset": "digits"}, "model": {"layers": [64, 32, 10]},
             "training": {"epochs": 3, "batch_size": 64}, "scaling": {"num_workers": 2}}
@@ -28,14 +23,7 @@ def client(ray_client):
 
 
 def wait_for(distffn, job_id, states, timeout=180):
-    deadline = time.monotonic() + timeout
-    while True:
-        r = distffn("status", job_id, "--json")
-        assert r.returncode == 0, r.stderr
-        status = json.loads(r.stdout)
-        if status["state"] in states or time.monotonic() > deadline:
-            return status
-        time.sleep(1)
+    return wait_for_status(distffn, job_id, lambda s: s["state"] in states, timeout, poll_s=1)
 
 
 def test_head_listens_on_loopback_only(ray_head):

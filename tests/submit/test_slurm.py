@@ -7,12 +7,19 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 
-from helpers import EQUIV_JOB, final_model, free_port, processes_naming, run_group, write_job
+from helpers import (
+    EQUIV_JOB,
+    assert_same_as_uninterrupted_mpi_run,
+    free_port,
+    processes_naming,
+    run_group,
+    running_past,
+    wait_for_status,
+    write_job,
+)
 
 DIGITS_2 = {"name": "digits2", "data": {"dataset": "digits"}, "model": {"layers": [64, 32, 10]},
             "training": {"epochs": 3, "batch_size": 64}}
@@ -29,15 +36,6 @@ def status_of(distffn, job_id) -> dict:
     return json.loads(r.stdout)
 
 
-def wait_for(distffn, job_id, done, timeout=240):
-    deadline = time.monotonic() + timeout
-    while True:
-        status = status_of(distffn, job_id)
-        if done(status) or time.monotonic() > deadline:
-            return status
-        time.sleep(0.5)
-
-
 def submit(distffn, job, *args):
     r = distffn("submit", job, "--cluster", distffn.profile, *args)
     assert r.returncode == 0, r.stderr
@@ -50,7 +48,7 @@ def test_a_two_worker_job_succeeds_and_leaves_its_run_directory(client, tmp_path
     r = client("submit", write_job(tmp_path, DIGITS_2), "--cluster", client.profile, "--out", out)
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip().splitlines()[-1]
-    status = wait_for(client, job_id, lambda s: s["state"] in {"SUCCEEDED", "FAILED", "STOPPED"})
+    status = wait_for_status(client, job_id, lambda s: s["state"] in {"SUCCEEDED", "FAILED", "STOPPED"})
     assert status["state"] == "SUCCEEDED", (status, client("logs", job_id).stdout)
     assert f" as SLURM job {status['native_id']}; run directory {out}" in r.stderr
     assert "COMPLETED" in status["detail"] and "0:0" in status["detail"]
@@ -83,7 +81,7 @@ def test_stop_checkpoints_the_current_step_and_leaves_no_process(client, tmp_pat
     job = write_job(tmp_path, {**DIGITS_2, "training": {"epochs": 100000, "batch_size": 64},
                                "checkpoint": {"every_steps": 1000000}})
     job_id = submit(client, job)
-    status = wait_for(client, job_id, lambda s: (s.get("step") or 0) >= 30 or s["state"] not in {"PENDING", "RUNNING"})
+    status = wait_for_status(client, job_id, running_past(30))
     assert status["state"] == "RUNNING", status
     r = client("stop", job_id)
     assert r.returncode == 0 and r.stdout.startswith("STOPPED "), r.stdout + r.stderr
@@ -105,22 +103,16 @@ def test_a_requeued_job_resumes_by_itself_and_ends_bit_for_bit(client, tmp_path)
     equals an uninterrupted run's."""
     job = write_job(tmp_path, EQUIV_JOB, training={"epochs": 3000}, checkpoint={"every_steps": 1000000})
     job_id = submit(client, job)
-    status = wait_for(client, job_id, lambda s: (s.get("step") or 0) >= 300 or s["state"] not in {"PENDING", "RUNNING"})
+    status = wait_for_status(client, job_id, running_past(300))
     assert status["state"] == "RUNNING", status
     requeue = subprocess.run(["scontrol", "requeue", status["native_id"]], capture_output=True, text=True,
                              env=client.env, timeout=30)
     assert requeue.returncode == 0, requeue.stderr
-    status = wait_for(client, job_id, lambda s: s["state"] in {"SUCCEEDED", "FAILED", "STOPPED"}, timeout=300)
+    status = wait_for_status(client, job_id, lambda s: s["state"] in {"SUCCEEDED", "FAILED", "STOPPED"}, timeout=300)
     logs = client("logs", job_id).stdout
     assert status["state"] == "SUCCEEDED", (status, logs)
     assert "requeued (restart 1)" in logs and "resuming from" in logs
-    full = tmp_path / "full"
-    r = run_group([sys.executable, "-m", "distffn", "run", job, "--no-progress", "--out", str(full),
-                   "--set", "scaling.backend=mpi", "--set", "scaling.num_workers=2"], timeout=300)
-    assert r.returncode == 0, r.stderr
-    a, b = final_model(full)[0], final_model(status["run_dir"])[0]
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert_same_as_uninterrupted_mpi_run(job, status["run_dir"], tmp_path)
 
 
 def test_bad_input_exits_2_before_anything_reaches_the_queue(client, tmp_path):

@@ -16,13 +16,20 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
-import numpy as np
 import pytest
 import yaml
 
-from helpers import REPO, assert_same_model, final_model, job_dict, processes_naming, run_group
+from helpers import (
+    REPO,
+    assert_same_as_uninterrupted_mpi_run,
+    assert_same_model,
+    job_dict,
+    processes_naming,
+    run_group,
+    running_past,
+    wait_for_status,
+)
 
 TEST_HOSTS = os.path.join(REPO, "cluster", "test-hosts.sh")
 SLURM_CLUSTER = os.path.join(REPO, "cluster", "slurm", "local-cluster.sh")
@@ -34,7 +41,7 @@ class TwoHostSlurm:
     command on a host (SLURM's clients on host 1: the controller's address is reachable only
     from the hosts)."""
 
-    def __init__(self, hosts, tmp):
+    def __init__(self, hosts):
         self.hosts = hosts
         self.nodes = hosts.make(2)
         self.env = {**hosts.env, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
@@ -62,13 +69,13 @@ class TwoHostSlurm:
 
 
 @pytest.fixture(scope="module")
-def cluster(module_hosts, tmp_path_factory):
+def cluster(module_hosts):
     """Up once for the module; stopped by its pid files before the hosts go (also on failure)."""
     assert shutil.which("slurmctld") and shutil.which("munged"), \
         "SLURM's daemons are missing: apt-get install -y slurm-wlm munge (.ci/run does)"
     c = None
     try:
-        c = TwoHostSlurm(module_hosts, tmp_path_factory.mktemp("slurm-hosts"))
+        c = TwoHostSlurm(module_hosts)
         up = c.slurm("up", timeout=120)
         assert up.returncode == 0, up.stdout + up.stderr
         c.env["SLURM_CONF"] = os.path.join(c.state, "slurm.conf")
@@ -106,25 +113,10 @@ def submit(distffn, job):
     return r.stdout.strip().splitlines()[-1]
 
 
-def wait_for(distffn, job_id, done, timeout=180):
-    deadline = time.monotonic() + timeout
-    while True:
-        r = distffn("status", job_id, "--json")
-        assert r.returncode == 0, r.stderr
-        status = json.loads(r.stdout)
-        if done(status) or time.monotonic() > deadline:
-            return status
-        time.sleep(0.5)
-
-
-def running_past(step):
-    return lambda s: (s.get("step") or 0) >= step or s["state"] not in {"PENDING", "RUNNING"}
-
-
 def test_a_job_on_two_nodes_places_a_rank_on_each_and_trains_the_one_worker_model(client, cluster, reference,
                                                                                    tmp_path):
     job_id = submit(client, write(tmp_path))
-    status = wait_for(client, job_id, lambda s: s["state"] in FINISHED)
+    status = wait_for_status(client, job_id, lambda s: s["state"] in FINISHED)
     assert status["state"] == "SUCCEEDED", f"{status}\n{client('logs', job_id).stdout}"
     run_dir = status["run_dir"]
     names = [name for name, _ in cluster.nodes]
@@ -138,7 +130,7 @@ def test_a_job_on_two_nodes_places_a_rank_on_each_and_trains_the_one_worker_mode
 
 def test_stop_checkpoints_the_current_step_on_both_nodes(client, cluster, tmp_path):
     job_id = submit(client, write(tmp_path, training={"epochs": 100000}, checkpoint={"every_steps": 1000000}))
-    status = wait_for(client, job_id, running_past(30))
+    status = wait_for_status(client, job_id, running_past(30))
     assert status["state"] == "RUNNING", status
     run_dir = status["run_dir"]
     # while it runs, nothing on either host listens beyond the host's own address: SLURM's
@@ -150,7 +142,7 @@ def test_stop_checkpoints_the_current_step_on_both_nodes(client, cluster, tmp_pa
         assert {a.rsplit(":", 1)[0] for a, _, _ in listening} == {address}, (i, listening)
     r = client("stop", job_id)
     assert r.returncode == 0 and r.stdout.startswith("STOPPED "), r.stdout + r.stderr
-    status = wait_for(client, job_id, lambda s: s["state"] in FINISHED)
+    status = wait_for_status(client, job_id, lambda s: s["state"] in FINISHED)
     assert status["state"] == "STOPPED" and "CANCELLED" in status["detail"], status
     logs = client("logs", job_id).stdout
     assert "exit code 143" in status["detail"], f"{status}\n{logs}"
@@ -165,23 +157,16 @@ def test_stop_checkpoints_the_current_step_on_both_nodes(client, cluster, tmp_pa
 def test_a_requeued_job_resumes_on_both_nodes_and_ends_bit_for_bit(client, cluster, tmp_path):
     job = write(tmp_path, training={"epochs": 600}, checkpoint={"every_steps": 1000000})
     job_id = submit(client, job)
-    status = wait_for(client, job_id, running_past(150))
+    status = wait_for_status(client, job_id, running_past(150))
     assert status["state"] == "RUNNING", status
     requeue = cluster.on_host(1, "scontrol", "requeue", status["native_id"], timeout=30)
     assert requeue.returncode == 0, requeue.stderr
-    status = wait_for(client, job_id, lambda s: s["state"] in FINISHED, timeout=240)
+    status = wait_for_status(client, job_id, lambda s: s["state"] in FINISHED, timeout=240)
     logs = client("logs", job_id).stdout
     assert status["state"] == "SUCCEEDED", (status, logs)
     assert "requeued (restart 1)" in logs and "resuming from" in logs
     assert "stopped by SIGTERM after step" in logs             # the first run checkpointed, not killed
-    # the same 2 ranks uninterrupted, on this machine (a sum of two is the same sum anywhere)
-    full = tmp_path / "full"
-    r = run_group([sys.executable, "-m", "distffn", "run", job, "--no-progress", "--out", str(full),
-                   "--set", "scaling.backend=mpi", "--set", "scaling.num_workers=2"], timeout=300)
-    assert r.returncode == 0, r.stderr
-    a, b = final_model(full)[0], final_model(status["run_dir"])[0]
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert_same_as_uninterrupted_mpi_run(job, status["run_dir"], tmp_path)
 
 
 def test_a_job_on_two_nodes_needs_the_network_interface_named(client, tmp_path):
