@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from distffn.errors import UserError
-from distffn.jobspec import from_dict
+from distffn.jobspec import apply_overrides, from_dict
 from distffn.nn.objectives import losses, losses_for, outputs
 
 from helpers import PAIRS, SMALL, run_cli, user_error, write_job
@@ -17,6 +17,16 @@ def test_set_overrides_fields(tmp_path):
             "--set", "model.layers=[64, 16, 10]")
     job = yaml.safe_load((out / "job.yaml").read_text())
     assert job["training"]["epochs"] == 1 and job["model"]["layers"] == [64, 16, 10]
+
+
+def test_set_reaches_a_key_of_a_mapping_and_keeps_its_other_keys():
+    """``--set training.adaptive.rule=goodput`` changes that key only; a key below a field
+    that is not a mapping is refused naming it."""
+    raw = {"training": {"batch_size": "adaptive", "adaptive": {"start": 16, "max": 64}}}
+    job = from_dict(apply_overrides(raw, ["training.adaptive.rule=goodput"]))
+    assert (job.training.adaptive.rule, job.training.adaptive.start, job.training.adaptive.max) == ("goodput", 16, 64)
+    with pytest.raises(UserError, match=r"^training.epochs: expected a mapping of keys$"):
+        apply_overrides({"training": {"epochs": 3}}, ["training.epochs.max=1"])
 
 
 def test_malformed_yaml(tmp_path, capsys):
