@@ -290,7 +290,8 @@ def validate(job: JobConfig) -> JobConfig:
         if t.batch_size != ADAPTIVE:
             raise UserError(f"training.batch_size: expected a positive integer or {ADAPTIVE}, got {short(t.batch_size)}")
         _check_adaptive(job)
-    _positive(t.batch_size if t.batch_size != ADAPTIVE else t.adaptive.start, "training.batch_size")
+    else:
+        _positive(t.batch_size, "training.batch_size")
     _positive(t.eval_every, "training.eval_every", allow_zero=True)
     _positive(t.eval_batch_size, "training.eval_batch_size")
     _positive(t.max_steps, "training.max_steps", allow_zero=True)
@@ -325,8 +326,8 @@ def validate(job: JobConfig) -> JobConfig:
     if s.cpus_per_worker and s.backend != "ray":
         raise UserError(f"scaling.cpus_per_worker: sizes Ray's workers; with scaling.backend: {s.backend} "
                         f"each worker uses the cores of its share of the node; use 0")
-    smallest, field_name = (t.adaptive.start, "training.adaptive.start") if t.batch_size == ADAPTIVE else \
-        (t.batch_size, "training.batch_size")
+    smallest = t.first_batch
+    field_name = "training.adaptive.start" if t.is_adaptive else "training.batch_size"
     if s.num_workers > smallest:
         raise UserError(f"scaling.num_workers: {s.num_workers} workers cannot share a global batch of "
                         f"{smallest} samples ({field_name}); use at most {smallest}")

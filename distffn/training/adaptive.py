@@ -38,7 +38,7 @@ from ..optim import learning_rate
 from ..parallel.backend import GradNorms
 from .extension import PRIORITY_CHECK, Extension
 from .metrics import append_record
-from .noise_scale import two_size_estimates
+from .noise_scale import measured_estimates
 from .triggers import IntervalTrigger
 
 # ---------------------------------------------------------------- the formulas
@@ -220,14 +220,11 @@ class AdaptiveBatch(Extension):
     def _estimate(self):
         """Fold the pending norms into the EMA of (|G|², tr(Σ)) (as :class:`NoiseScaleLog`)."""
         s = self.state
-        norms = GradNorms.from_array(s.pending)
+        measured = measured_estimates(GradNorms.from_array(s.pending))
         s.pending = [0.0] * len(GradNorms.FIELDS)
-        if norms.shards == 0 or norms.steps == 0:
+        if measured is None:
             return
-        b_small, b_big = norms.shards / norms.small_inv, norms.steps / norms.big_inv
-        if not b_small < b_big:
-            return
-        g2, tr = two_size_estimates(norms.small_sq / norms.shards, norms.big_sq / norms.steps, b_small, b_big)
+        g2, tr = measured[:2]
         s.ema = [self.decay * s.ema[0] + (1 - self.decay) * g2, self.decay * s.ema[1] + (1 - self.decay) * tr]
         s.weight = self.decay * s.weight + (1 - self.decay)
 

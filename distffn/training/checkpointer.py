@@ -78,8 +78,10 @@ def restored_state(meta: dict, job) -> RunState:
     samples (always a fixed batch size) has them from its batch count; its ``samples`` is
     None for the trainer to count (it knows the split's size)."""
     state = RunState(meta["step"], meta["epoch"], meta["batch"], adaptive=meta.get("adaptive"))
-    state.sample = meta.get("sample", state.batch * (job.training.batch_size if not job.training.is_adaptive else 0))
-    state.samples = meta.get("samples")
+    if "sample" in meta:
+        state.sample, state.samples = meta["sample"], meta["samples"]
+    else:
+        state.sample, state.samples = state.batch * job.training.batch_size, None
     return state
 
 

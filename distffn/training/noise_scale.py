@@ -40,6 +40,20 @@ def two_size_estimates(small_sq, big_sq, b_small, b_big):
     return grad_norm_sq, trace_sigma
 
 
+def measured_estimates(norms) -> Optional[tuple[float, float, float, float]]:
+    """(|G|², tr(Σ), b_small, b_big) from the gradient norms measured since the last pull
+    (:class:`~distffn.parallel.backend.GradNorms`: the shards are the small batches, the global
+    batch the big one, each size the harmonic mean of those measured), or None where there are
+    not two sizes: nothing measured, or one sample per step."""
+    if norms.shards == 0 or norms.steps == 0:
+        return None
+    b_small, b_big = norms.shards / norms.small_inv, norms.steps / norms.big_inv
+    if not b_small < b_big:
+        return None
+    g2, tr = two_size_estimates(norms.small_sq / norms.shards, norms.big_sq / norms.steps, b_small, b_big)
+    return g2, tr, b_small, b_big
+
+
 class NoiseScaleLog(Extension):
     """``metrics.noise_scale``: at every log point, a ``noise`` record in ``metrics.jsonl``
     with B_simple, |G|² and tr(Σ), each an EMA (decay ``metrics.noise_ema`` per log point,
@@ -60,12 +74,10 @@ class NoiseScaleLog(Extension):
 
     def __call__(self, trainer):
         norms = trainer.backend.grad_norms()           # every process: a collective on MPI
-        if not trainer.is_root or norms.shards == 0 or norms.steps == 0:
+        measured = measured_estimates(norms)
+        if not trainer.is_root or measured is None:
             return
-        b_small, b_big = norms.shards / norms.small_inv, norms.steps / norms.big_inv
-        if not b_small < b_big:
-            return                          # one sample per step: no second size
-        g2, tr = two_size_estimates(norms.small_sq / norms.shards, norms.big_sq / norms.steps, b_small, b_big)
+        g2, tr, b_small, b_big = measured
         self.ema = self.decay * self.ema + (1 - self.decay) * np.array([g2, tr])
         self.weight = self.decay * self.weight + (1 - self.decay)
         g2_hat, tr_hat = self.ema / self.weight
