@@ -24,6 +24,7 @@ from .nn.init import INITIALIZERS
 from .nn.objectives import losses, losses_for, outputs
 from .optim import OPTIMIZERS, SCHEDULES
 from .parallel import AUTO, BACKENDS, PLACEMENTS, aggregations
+from .parallel.links import NETWORKS
 from .targets import TARGET_METRICS
 
 
@@ -78,7 +79,9 @@ class AdaptiveConfig:
     max: int = 4096                     # the largest batch it may choose
     every_steps: int = 50               # steps between choices
     rule: str = "noise"                 # noise: follow B_simple | goodput: Pollux's throughput × efficiency
-    multiple: int = 0                   # batches are multiples of this (0: scaling.num_workers)
+    multiple: int = 0                   # batches are multiples of this (0: goodput_workers, else scaling.num_workers)
+    goodput_workers: int = 0            # goodput: choose for this many workers (0: the step times measured here)
+    goodput_network: str = "10gbe"      # goodput: ... linked by this network preset (sweep `network`)
 
 
 @dataclass
@@ -129,7 +132,7 @@ class ScalingConfig:
 class MetricsConfig:
     noise_scale: bool = False           # log the gradient noise scale B_simple at each log point
     noise_every: int = 20               # steps between gradient-norm measurements (≤ 5% of a step, measured)
-    noise_ema: float = 0.9              # EMA decay of |G|² and tr(Σ) per log point
+    noise_window: int = 100             # steps: the time constant of the EMA of |G|² and tr(Σ)
 
 
 @dataclass
@@ -333,8 +336,7 @@ def validate(job: JobConfig) -> JobConfig:
                         f"{smallest} samples ({field_name}); use at most {smallest}")
 
     _positive(job.metrics.noise_every, "metrics.noise_every")
-    if not 0.0 <= job.metrics.noise_ema < 1.0:
-        raise UserError(f"metrics.noise_ema: expected a number in [0, 1), got {job.metrics.noise_ema}")
+    _positive(job.metrics.noise_window, "metrics.noise_window")
 
     _positive(c.every_steps, "checkpoint.every_steps", allow_zero=True)
     _positive(c.num_to_keep, "checkpoint.num_to_keep")
@@ -364,6 +366,14 @@ def _check_adaptive(job: JobConfig):
                         f"expected start <= max")
     if a.rule not in ADAPTIVE_RULES:
         raise UserError(f"training.adaptive.rule: expected one of {', '.join(ADAPTIVE_RULES)}; got {short(a.rule)}")
+    _positive(a.goodput_workers, "training.adaptive.goodput_workers", allow_zero=True)
+    if a.goodput_workers and a.rule != "goodput":
+        raise UserError(f"training.adaptive.goodput_workers: plans the goodput rule's step times; rule "
+                        f"{a.rule} does not use them; use 0, or rule: goodput")
+    NETWORKS.check(a.goodput_network, "training.adaptive.goodput_network")
+    if a.goodput_workers > a.start:
+        raise UserError(f"training.adaptive.goodput_workers: {a.goodput_workers} workers cannot share a global "
+                        f"batch of {a.start} samples (training.adaptive.start); use at most {a.start}")
     if o.name == "adam":
         raise UserError("optimizer.name: adam with training.batch_size: adaptive: AdaScale's learning-rate "
                         "gain holds for SGD with momentum; use momentum or nesterov, or a fixed batch size")
@@ -371,6 +381,28 @@ def _check_adaptive(job: JobConfig):
         raise UserError("optimizer.schedule: cosine is fixed to the run's length in steps, which an adaptive "
                         "batch changes as it trains; use constant, inverse_time or step (their steps count "
                         "at training.adaptive.start), or a fixed batch size")
+
+
+# Keys a spec no longer takes, with what replaced them: a spec a user writes with one is refused
+# naming the replacement; a spec a checkpoint or run folder stored (:func:`from_stored`) drops it.
+RETIRED = {("metrics", "noise_ema"): "metrics.noise_window (steps: the time constant of the same EMA)"}
+
+
+def _check_retired(raw: dict):
+    for (section, key), instead in RETIRED.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise UserError(f"{section}.{key}: no longer a key; use {instead}")
+
+
+def from_stored(raw: Any, source: str) -> JobConfig:
+    """:func:`from_dict` of a spec a checkpoint or run folder kept, without the :data:`RETIRED`
+    keys (an older run's setting of a key that is gone shaped only what that run logged)."""
+    if isinstance(raw, dict):
+        raw = copy.deepcopy(raw)
+        for section, key in RETIRED:
+            if isinstance(raw.get(section), dict):
+                raw[section].pop(key, None)
+    return from_dict(raw, source)
 
 
 def from_dict(raw: Any, source: str = "job spec") -> JobConfig:
@@ -382,6 +414,7 @@ def from_dict(raw: Any, source: str = "job spec") -> JobConfig:
     if unknown:
         raise UserError(f"{unknown[0]}: unknown key in {source} "
                         f"(expected: {', '.join(['name', *SECTIONS])})")
+    _check_retired(raw)
     name = _coerce(raw.get("name", "job"), str, "name")
     sections = {k: build_section(_resolved_types(JobConfig)[k], raw.get(k), k) for k in SECTIONS}
     return validate(JobConfig(name=name, **sections))

@@ -26,6 +26,7 @@ from ..files import write_figure
 from ..plot import plain_log_axes
 from ..plot import plain_number as plain
 from .fit import steps_at_samples
+from .spec import schedule_label
 
 DPI = 100
 REGIME_COLOURS = {"perfect_scaling": "#d9f0d3", "diminishing_returns": "#fee8c8",
@@ -198,7 +199,7 @@ def steps_vs_samples(summary: dict) -> Figure:
             ax.annotate(f"B={b['batch_size']}", (b["samples_to_target"], b["steps_to_target"]),
                         textcoords="offset points", xytext=(5, 4), fontsize=7)
     for (marker, colour), a in zip(ADAPTIVE_STYLES * 4, [a for a in summary.get("adaptive") or [] if a["reached"]]):
-        what = f"adaptive {a['rule']} (B {a['start']}→{a['max']})"
+        what = schedule_label(a)
         runs = [(x["samples"], x["steps"]) for x in a["seeds"]]
         ax.scatter(*zip(*runs), s=14, marker=marker, color=colour, alpha=0.35, zorder=3)
         ax.plot([a["samples_to_target"]], [a["steps_to_target"]], marker, color=colour, ms=9, zorder=4,

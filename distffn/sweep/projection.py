@@ -1,11 +1,9 @@
 """The α-β model: step time on N workers from what was measured here, projected to cluster
-scale over a network preset from :data:`NETWORKS`.
+scale over a network preset from :data:`~distffn.parallel.links.NETWORKS`.
 
     step(B, N) = fixed + per_sample · ⌈B/N⌉ + [N > 1] · (sync + allreduce(N))
-    allreduce(N) = 2(N−1)·α + 2(N−1)/N · n·β        (ring; each worker sends and receives
-                                                     2(N−1)/N of the n bytes of ΔΘ)
-    central(N)   = 2·α + 2N · n·β                     (one aggregator receives N gradients
-                                                     and sends Θ back N times)
+
+with allreduce(N) (or central(N)) the link's α-β cost (:mod:`distffn.parallel.links`).
 
 ``fixed`` (per-step overhead: the update, launching the step) and ``per_sample`` (forward and
 backward per sample) are fitted to the 1-worker timed runs; ``sync`` is what a distributed
@@ -21,51 +19,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..registry import Registry
+from ..parallel.links import NETWORKS, Network, communication_seconds
 
-NETWORKS = Registry("network", "network")
-
-
-@dataclass(frozen=True)
-class Network:
-    """A link: ``alpha`` seconds per message, ``beta`` seconds per byte."""
-    alpha: float
-    beta: float
-
-
-def _register(name: str, alpha: float, gbit_per_s: float, doc: str):
-    NETWORKS.register(name, Network(alpha, 8.0 / (gbit_per_s * 1e9)), doc=doc)
-
-
-# Line rates from the standards; latencies are typical one-way MPI small-message latencies
-# (kernel TCP for Ethernet). Real links reach 70-95 % of the line rate, so these projections
-# are optimistic about bandwidth.
-_register("10gbe", 20e-6, 10, "10 Gb/s Ethernet: α = 20 µs, β = 0.8 ns/B (IEEE 802.3ae line rate; "
-          "α: MPI over kernel TCP, typical)")
-_register("25gbe", 15e-6, 25, "25 Gb/s Ethernet: α = 15 µs, β = 0.32 ns/B (IEEE 802.3by line rate; "
-          "α: MPI over kernel TCP, typical)")
-_register("100gbe", 10e-6, 100, "100 Gb/s Ethernet: α = 10 µs, β = 0.08 ns/B (IEEE 802.3ba line rate; "
-          "α: MPI over kernel TCP, typical)")
-_register("ib-hdr", 1e-6, 200, "InfiniBand HDR: α = 1 µs, β = 0.04 ns/B (200 Gb/s per port, IBTA HDR; "
-          "α: NVIDIA ConnectX-6 datasheet, < 1 µs MPI latency)")
-_register("nvlink", 3e-6, 2400, "NVLink 3 (A100, in one node): α = 3 µs, β = 0.0033 ns/B (300 GB/s "
-          "per direction, NVIDIA A100 datasheet; α: NCCL's small-message latency, typical)")
-# Measured, not a line rate: two test hosts of cluster/test-hosts.sh (network namespaces on one
-# machine, a veth pair each to a Linux bridge), TCP between them over eth0
-_register("veth-local", 5.8e-6, 10.8, "two test hosts' veth link (network namespaces on a Linux bridge, "
-          "cluster/test-hosts.sh): α = 5.8 µs, β = 0.74 ns/B (measured 2026-12-04 by python bench/bench_hosts.py: "
-          "half the median TCP round trip of 64 B; the median bulk TCP stream, 1.35 GB/s)")
-
-
-def communication_seconds(n_bytes: float, workers: int, net: Network, aggregation: str = "allreduce") -> float:
-    """Seconds to sum ΔΘ of ``n_bytes`` over ``workers`` and hand every worker the result."""
-    n = workers
-    if n <= 1:
-        return 0.0
-    if aggregation == "central":
-        return 2 * net.alpha + 2 * n * n_bytes * net.beta
-    return 2 * (n - 1) * net.alpha + 2 * (n - 1) / n * n_bytes * net.beta
-
+__all__ = ["NETWORKS", "Network", "communication_seconds", "StepModel", "fit_step_model", "fit_sync",
+           "worker_counts", "PROJECTED_WORKERS", "batch_schedule", "schedule_seconds"]
 
 @dataclass
 class StepModel:

@@ -36,7 +36,7 @@ from ..training.noise_scale import estimate_checkpoint
 from ..training.run_lock import RunLock
 from . import fit as fitting
 from . import plots, projection
-from .spec import SweepSpec
+from .spec import SweepSpec, schedule_label
 from .trials import (
     counted,
     plan_timings,
@@ -424,7 +424,7 @@ def closing_lines(summary: dict) -> list[str]:
 def adaptive_line(a: dict, summary: dict) -> str:
     """An adaptive entry's closing line: its steps and samples, the saving against the fit,
     and its projection at 64 workers against the fastest fixed batch there."""
-    head = f"adaptive {a['rule']} (B {a['start']}→{a['max']}, every {a['every_steps']} steps)"
+    head = f"{schedule_label(a)[:-1]}, every {a['every_steps']} steps)"
     if not a["reached"]:
         return (f"{head}: target not reached{' in every seed' if summary.get('seeds') else ''} within "
                 f"{summary.get('max_epochs')} epochs")

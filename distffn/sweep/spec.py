@@ -24,9 +24,9 @@ from ..jobspec import apply_overrides as job_overrides
 from ..jobspec import from_dict as job_from_dict
 from ..optim import OPTIMIZERS
 from ..parallel import BACKENDS
+from ..parallel.links import NETWORKS
 from ..registry import Registry
 from ..targets import TARGET_METRICS
-from .projection import NETWORKS
 
 # ---------------------------------------------------------------- learning-rate rules
 
@@ -69,9 +69,10 @@ class Target:
 
 @dataclass
 class AdaptiveEntry:
-    """``adaptive: [{rule, start, max, every_steps, multiple, noise_every, lr}]``: one adaptive
-    batch schedule to run (per rate, per seed); None takes the base job's ``training.adaptive``
-    value, ``noise_every`` :data:`ADAPTIVE_NOISE_EVERY`, ``lr`` the sweep's rates at ``start``."""
+    """``adaptive: [{rule, start, max, every_steps, multiple, noise_every, lr, goodput_workers,
+    goodput_network}]``: one adaptive batch schedule to run (per rate, per seed); None takes the
+    base job's ``training.adaptive`` value, ``noise_every`` :data:`ADAPTIVE_NOISE_EVERY`, ``lr``
+    the sweep's rates at ``start``, ``goodput_network`` the sweep's ``network``."""
     rule: str
     start: Optional[int] = None
     max: Optional[int] = None
@@ -79,14 +80,29 @@ class AdaptiveEntry:
     multiple: Optional[int] = None
     noise_every: Optional[int] = None
     lr: Optional[Union[list, float]] = None
+    goodput_workers: Optional[int] = None
+    goodput_network: Optional[str] = None
 
     def resolved(self, base: JobConfig) -> dict:
-        """The schedule's settings (without ``lr``) with the defaults filled in from ``base``."""
+        """The schedule's settings (without ``lr``) with the defaults filled in from ``base``;
+        the goodput plan's two only where it plans for other workers (so that a sweep folder
+        from before they existed resumes)."""
         a = base.training.adaptive
         pick = (lambda k: getattr(self, k) if getattr(self, k) is not None else getattr(a, k))
-        return {"rule": self.rule, "start": pick("start"), "max": pick("max"), "every_steps": pick("every_steps"),
-                "multiple": pick("multiple"),
-                "noise_every": self.noise_every if self.noise_every is not None else ADAPTIVE_NOISE_EVERY}
+        out = {"rule": self.rule, "start": pick("start"), "max": pick("max"), "every_steps": pick("every_steps"),
+               "multiple": pick("multiple"),
+               "noise_every": self.noise_every if self.noise_every is not None else ADAPTIVE_NOISE_EVERY}
+        if pick("goodput_workers"):
+            out.update(goodput_workers=pick("goodput_workers"), goodput_network=pick("goodput_network"))
+        return out
+
+
+def schedule_label(settings: dict) -> str:
+    """An adaptive schedule as lines and legends name it: ``adaptive goodput (B 128→16384, for
+    64 workers on 10gbe)``."""
+    plan = (f", for {settings['goodput_workers']} workers on {settings['goodput_network']}"
+            if settings.get("goodput_workers") else "")
+    return f"adaptive {settings['rule']} (B {settings['start']}→{settings['max']}{plan})"
 
 
 # the schedule chooses from the norms measured since its last choice: every 5 steps gives it
@@ -210,9 +226,11 @@ def _adaptive_entries(raw) -> list[AdaptiveEntry]:
         e = _section(AdaptiveEntry, item, where)
         if e.rule not in ADAPTIVE_RULES:
             raise UserError(f"{where}.rule: expected one of {', '.join(ADAPTIVE_RULES)}; got {short(e.rule)}")
-        for key in ("start", "max", "every_steps", "noise_every"):
+        for key in ("start", "max", "every_steps", "noise_every", "goodput_workers"):
             if getattr(e, key) is not None and getattr(e, key) <= 0:
                 raise UserError(f"{where}.{key}: expected a positive integer, got {getattr(e, key)}")
+        if e.goodput_network is not None:
+            NETWORKS.check(e.goodput_network, f"{where}.goodput_network")
         if e.start is not None and e.max is not None and e.start > e.max:
             raise UserError(f"{where}.start: {e.start} is above {where}.max ({e.max}); expected start <= max")
         if e.lr is not None:
@@ -296,6 +314,9 @@ def from_dict(raw, path: str, job_overrides: Optional[list[str]] = None) -> Swee
         raise UserError(f"eval_every: expected a positive number of steps or 'auto', got {short(every)}")
     kw["eval_every"] = every
     kw["adaptive"] = _adaptive_entries(raw.get("adaptive"))
+    for e in kw["adaptive"]:                # a schedule planned for a cluster: the sweep's own link
+        if e.goodput_workers and e.goodput_network is None:
+            e.goodput_network = kw.get("network", "10gbe")
     if isinstance(kw["lr"], dict):
         needed = kw["batch_sizes"] + [e.start for e in kw["adaptive"] if e.start is not None and e.lr is None]
         missing = [b for b in needed if b not in kw["lr"]]
@@ -368,8 +389,9 @@ def check_against_job(spec: SweepSpec, base: JobConfig) -> None:
 def adaptive_overrides(settings: dict) -> list[str]:
     """The ``--set`` values that make a job run an adaptive entry's schedule (``settings``:
     :meth:`AdaptiveEntry.resolved`)."""
+    keys = ("rule", "start", "max", "every_steps", "multiple", "goodput_workers", "goodput_network")
     return ["training.batch_size=adaptive", f"metrics.noise_every={settings['noise_every']}",
-            *(f"training.adaptive.{k}={settings[k]}" for k in ("rule", "start", "max", "every_steps", "multiple"))]
+            *(f"training.adaptive.{k}={settings[k]}" for k in keys if k in settings)]
 
 
 def check_adaptive_entry(spec: SweepSpec, base: JobConfig, entry: AdaptiveEntry, i: int) -> None:

@@ -30,7 +30,7 @@ from ..jobspec import apply_overrides, from_dict
 from ..training import Trainer, TrainingDiverged
 from ..training import checkpoint as ckpt
 from ..training.progress import ProgressBar
-from .spec import adaptive_overrides
+from .spec import adaptive_overrides, schedule_label
 
 RESULT = "result.json"       # a finished trial's outcome
 TRIAL = "trial.json"         # the trial a folder holds (a changed sweep starts it afresh)
@@ -60,7 +60,8 @@ class Trial:
         s = "" if self.seed is None else f"-s{self.seed}"
         if self.adaptive:
             a = self.adaptive
-            return f"a-{a['rule']}-b{a['start']:06d}-{a['max']}-e{a['every_steps']}-lr{self.lr:.6g}{m}{s}"
+            plan = f"-w{a['goodput_workers']}-{a['goodput_network']}" if a.get("goodput_workers") else ""
+            return f"a-{a['rule']}-b{a['start']:06d}-{a['max']}-e{a['every_steps']}{plan}-lr{self.lr:.6g}{m}{s}"
         return f"b{self.batch_size:06d}-lr{self.lr:.6g}{m}{s}"
 
     def as_dict(self) -> dict:
@@ -232,7 +233,7 @@ def counted(n: int, noun: str) -> str:
 def trial_line(r: dict, done: int, total: int) -> str:
     """One line per finished trial."""
     a = r.get("adaptive")
-    batch = f"adaptive {a['rule']} B={a['start']}..{a['max']}" if a else f"B={r['batch_size']}"
+    batch = schedule_label(a) if a else f"B={r['batch_size']}"
     head = f"[{done:>{len(str(total))}}/{total}] {batch} lr={r['lr']:.4g}" + (
         "" if r.get("momentum") is None else f" momentum={r['momentum']:g}") + (
         "" if r.get("seed") is None else f" seed={r['seed']}")

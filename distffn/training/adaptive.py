@@ -10,7 +10,12 @@ running estimates of |G|² and tr(Σ) (:mod:`.noise_scale`), by one of two rules
 * ``goodput`` (Pollux, Qiao et al., OSDI 2021): B maximises goodput = throughput × statistical
   efficiency, with the step time T(B) = a + b·B fitted to this run's own steps. With
   efficiency E(B) = (φ + B₀)/(φ + B) (φ = B_simple, B₀ = start) and throughput B/T(B),
-  d/dB log(B·E/T) = 0 gives B* = √(a·φ/b).
+  d/dB log(B·E/T) = 0 gives B* = √(a·φ/b). With ``goodput_workers: N`` it chooses for N
+  workers on the ``goodput_network`` link instead of the machine it runs on: T_N(B) =
+  a + allreduce(N) + b·B/N (:mod:`distffn.parallel.links`), so a run on one machine plans a
+  schedule for a cluster (the allreduce makes every step dearer, which favours large batches).
+
+The estimates are EMAs over ``metrics.noise_window`` steps (:func:`.noise_scale.ema_update`).
 
 The learning rate follows AdaScale (Johnson et al., ICML 2020). With S = B/B₀ and σ² the
 gradient variance at the base batch (tr(Σ)/B₀), the gain ratio is
@@ -36,9 +41,10 @@ import numpy as np
 
 from ..optim import learning_rate
 from ..parallel.backend import GradNorms
+from ..parallel.links import NETWORKS, communication_seconds
 from .extension import PRIORITY_CHECK, Extension
 from .metrics import append_record
-from .noise_scale import measured_estimates
+from .noise_scale import ema_update, measured_estimates
 from .triggers import IntervalTrigger
 
 # ---------------------------------------------------------------- the formulas
@@ -131,6 +137,7 @@ class AdaptiveState:
     progress: float = 0.0               # τ: scale-invariant steps so far
     ema: list = field(default_factory=lambda: [0.0, 0.0])   # EMA of (|G|², tr(Σ)), bias-corrected by weight
     weight: float = 0.0
+    estimated_at: int = 0               # the step the EMA was last updated at
     pending: list = field(default_factory=lambda: [0.0] * len(GradNorms.FIELDS))   # norms not yet used
     segments: list = field(default_factory=list)            # [(batch, steps, seconds)] timed (goodput)
 
@@ -156,10 +163,12 @@ class AdaptiveBatch(Extension):
     def __init__(self, job):
         a = job.training.adaptive
         self.job, self.cfg = job, a
-        self.multiple = a.multiple or job.scaling.num_workers
+        self.multiple = a.multiple or a.goodput_workers or job.scaling.num_workers
         self.lo, self.hi = batch_range(a.start, a.max, self.multiple)
         self.base = self.lo                 # B₀: the first batch, where the gain is 1
-        self.decay = job.metrics.noise_ema
+        self.window = job.metrics.noise_window
+        self.link = NETWORKS.get(a.goodput_network) if a.goodput_workers else None
+        self.n_bytes = 0                    # ΔΘ's size, what an allreduce moves (initialize)
         self.trigger = IntervalTrigger(a.every_steps)
         self.state = AdaptiveState(batch=self.lo)
         self._clock, self._pulled_at = None, None
@@ -184,12 +193,13 @@ class AdaptiveBatch(Extension):
 
     def initialize(self, trainer):
         self._clock, self._pulled_at = self._training_clock(trainer), trainer.state.step
+        self.n_bytes = 4 * trainer.model.num_params          # float32, as the workers send it
         self._record(trainer)
 
     def __call__(self, trainer):
         self._pull(trainer)
         s = self.state
-        self._estimate()
+        self._estimate(trainer.state.step)
         chosen = self._choose()
         if chosen is not None:
             s.batch = chosen
@@ -217,16 +227,15 @@ class AdaptiveBatch(Extension):
         return asdict(self.state)
 
     # ---------------------------------------------------------------- parts
-    def _estimate(self):
+    def _estimate(self, step: int):
         """Fold the pending norms into the EMA of (|G|², tr(Σ)) (as :class:`NoiseScaleLog`)."""
         s = self.state
         measured = measured_estimates(GradNorms.from_array(s.pending))
         s.pending = [0.0] * len(GradNorms.FIELDS)
         if measured is None:
             return
-        g2, tr = measured[:2]
-        s.ema = [self.decay * s.ema[0] + (1 - self.decay) * g2, self.decay * s.ema[1] + (1 - self.decay) * tr]
-        s.weight = self.decay * s.weight + (1 - self.decay)
+        s.ema, s.weight = ema_update(s.ema, s.weight, *measured[:2], step - s.estimated_at, self.window)
+        s.estimated_at = step
 
     def _choose(self) -> Optional[int]:
         s = self.state
@@ -240,7 +249,16 @@ class AdaptiveBatch(Extension):
             # no step-time model yet: time a batch twice (or half) as large, as Pollux explores
             up = s.batch * 2 <= self.hi
             return round_batch(s.batch * 2 if up else s.batch / 2, self.lo, self.hi, self.multiple)
-        return goodput_rule(b_simple, self.base, self.lo, self.hi, self.multiple, *model)
+        return goodput_rule(b_simple, self.base, self.lo, self.hi, self.multiple, *self.planned(*model))
+
+    def planned(self, fixed_s: float, per_sample_s: float) -> tuple[float, float]:
+        """The step-time model the goodput rule chooses with: this run's own, or with
+        ``goodput_workers: N`` the same compute on N workers, each with its share of the batch,
+        plus the allreduce of ΔΘ over ``goodput_network``."""
+        if self.link is None:
+            return fixed_s, per_sample_s
+        n = self.cfg.goodput_workers
+        return fixed_s + communication_seconds(self.n_bytes, n, self.link), per_sample_s / n
 
     def _training_clock(self, trainer) -> tuple[int, float]:
         return trainer.steps_run, trainer.train_seconds + trainer.epoch_seconds

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..bounded_yaml import short
 from ..errors import StorageFailed, UserError
-from ..jobspec import from_dict
+from ..jobspec import from_stored
 from ..parallel.resources import note
 from . import checkpoint as ckpt
 from .extension import PRIORITY_WRITE, Extension
@@ -53,7 +53,7 @@ def trajectory_changes(saved_spec: dict, job) -> list[str]:
     schedule, seed, ...). More epochs are fine unless the schedule depends on the run's
     length (cosine)."""
     try:
-        saved = from_dict(saved_spec, "the run's saved job spec").to_dict()
+        saved = from_stored(saved_spec, "the run's saved job spec").to_dict()
     except UserError as e:
         return [f"the saved spec no longer reads ({e})"]
     now = job.to_dict()

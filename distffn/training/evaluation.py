@@ -11,7 +11,7 @@ from ..data.byte_images import ByteImages
 from ..data.prepare import prepare_data
 from ..data.sharding import shard_bounds
 from ..errors import UserError
-from ..jobspec import apply_overrides, from_dict, load_job
+from ..jobspec import apply_overrides, from_stored, load_job
 from ..nn.model import MLP
 from ..parallel.backend import Totals
 from .checkpoint import load_checkpoint, newest_valid_checkpoint, unpack_state
@@ -99,7 +99,7 @@ def checkpoint_with_job(path: str, job_path: str | None = None, overrides=None):
     else:
         if "job" not in meta:
             raise UserError(f"{path}: the checkpoint carries no job spec; pass --job JOB.yaml")
-        job = from_dict(apply_overrides(meta["job"], overrides), source=f"{path} (job spec)")
+        job = from_stored(apply_overrides(meta["job"], overrides), source=f"{path} (job spec)")
     return path, arrays, meta, job
 
 

@@ -129,7 +129,8 @@ def test_seeds_a_mapping_of_rates_and_adaptive_entries_plan_their_trials(tmp_pat
     from distffn.sweep.trials import plan_trials
     path = write(tmp_path, lr={"8": 0.1, "32": [0.2, 0.3]}, seeds=[0, 1],
                  adaptive=[{"rule": "noise", "start": 8, "max": 64}, {"rule": "goodput", "start": 32, "lr": 0.4,
-                                                                     "noise_every": 2, "every_steps": 7}])
+                                                                     "noise_every": 2, "every_steps": 7},
+                           {"rule": "goodput", "start": 32, "lr": 0.4, "goodput_workers": 8}])
     spec, base = load_sweep(path)
     assert spec.seeds == [0, 1] and spec.rates(8) == [0.1] and spec.rates(32) == [0.2, 0.3]
     trials = plan_trials(spec, base, 1000)
@@ -137,7 +138,9 @@ def test_seeds_a_mapping_of_rates_and_adaptive_entries_plan_their_trials(tmp_pat
     assert [t.id for t in fixed] == ["b000008-lr0.1-s0", "b000008-lr0.1-s1", "b000032-lr0.2-s0", "b000032-lr0.2-s1",
                                      "b000032-lr0.3-s0", "b000032-lr0.3-s1"]
     assert "training.seed=1" in fixed[1].overrides()
-    noise, goodput = ([t for t in trials if t.adaptive and t.adaptive["rule"] == r] for r in ("noise", "goodput"))
+    planned = [t for t in trials if t.adaptive and t.adaptive.get("goodput_workers")]
+    noise, goodput = ([t for t in trials if t.adaptive and t.adaptive["rule"] == r and t not in planned]
+                      for r in ("noise", "goodput"))
     # the rates at start; the base job's every_steps; noise measured every 5 steps; evaluations as for B = max
     assert [(t.lr, t.seed, t.batch_size) for t in noise] == [(0.1, 0, 8), (0.1, 1, 8)]
     assert noise[0].eval_every == spec.eval_steps(1000, 64, False) and noise[0].eval_every < fixed[0].eval_every
@@ -147,6 +150,12 @@ def test_seeds_a_mapping_of_rates_and_adaptive_entries_plan_their_trials(tmp_pat
               "metrics.noise_every=5", "training.seed=0", "optimizer.lr=0.1"):
         assert s in sets, s
     assert [(t.lr, t.adaptive["every_steps"], t.adaptive["noise_every"]) for t in goodput] == [(0.4, 7, 2)] * 2
+    # planned for 8 workers on the sweep's link; a schedule for this machine keeps its settings as before
+    assert "goodput_workers" not in goodput[0].adaptive and "-w" not in goodput[0].id
+    assert [t.id for t in planned] == [f"a-goodput-b000032-4096-e{base.training.adaptive.every_steps}-w8-10gbe-lr0.4-s{s}"
+                                       for s in (0, 1)]
+    for s in ("training.adaptive.goodput_workers=8", "training.adaptive.goodput_network=10gbe"):
+        assert s in planned[0].overrides(), s
     assert len({t.id for t in trials}) == len(trials)
     # without seeds, the ids (and trial.json) of a sweep from before seeds existed
     spec, base = load_sweep(write(tmp_path))
@@ -171,6 +180,9 @@ ENTRY = {"rule": "noise", "start": 8, "max": 64}
     ({"adaptive": [dict(ENTRY, every_steps=0)]}, ["adaptive[0].every_steps", "positive"]),
     ({"adaptive": [dict(ENTRY, noise_every=0)]}, ["adaptive[0].noise_every", "positive"]),
     ({"adaptive": [dict(ENTRY, colour="red")]}, ["adaptive[0].colour: unknown key"]),
+    ({"adaptive": [dict(ENTRY, goodput_workers=8)]}, ["adaptive[0].goodput_workers", "rule noise does not use"]),
+    ({"adaptive": [dict(ENTRY, rule="goodput", goodput_network="dialup")]},
+     ["adaptive[0].goodput_network: expected one of 10gbe"]),
     ({"adaptive": [dict(ENTRY, max=4096)]}, ["adaptive[0].max: 4096", "training samples"]),
 ])
 def test_bad_seeds_rates_and_adaptive_entries_exit_2_naming_the_key(tmp_path, capsys, changes, needles):

@@ -13,8 +13,10 @@ from distffn.data import prepare_data
 from distffn.data.sharding import Batch, epoch_permutation
 from distffn.errors import UserError
 from distffn.jobspec import from_dict
+from distffn.parallel.links import NETWORKS
 from distffn.parallel.worker import Worker
 from distffn.training.adaptive import (
+    AdaptiveBatch,
     adascale_gain,
     fit_step_time,
     goodput,
@@ -23,6 +25,7 @@ from distffn.training.adaptive import (
     round_batch,
     statistical_efficiency,
 )
+from distffn.training.noise_scale import ema_update
 
 from helpers import final_model, job_dict, train_in_process
 
@@ -54,6 +57,43 @@ def test_the_goodput_rule_picks_the_best_multiple():
         best = max(allowed, key=lambda B: goodput(phi, lo, B, a, b))
         assert goodput(phi, lo, chosen, a, b) == pytest.approx(goodput(phi, lo, best, a, b), rel=1e-12)
     assert abs(goodput_rule(1000.0, 64, 64, 4096, 1, 1e-3, 1e-5) - math.sqrt(1e-3 * 1000 / 1e-5)) < 1
+
+
+def test_the_goodput_rule_plans_for_other_workers_with_their_allreduce():
+    """goodput_workers: 64 on 10 GbE: T_64(B) = a + 2·63·α + 2·63/64·n·β + b·B/64 (by hand:
+    α = 20 µs, β = 0.8 ns/B, n = 4 × 101,770 parameters), and the choice is its B* = √(a'φ/b')."""
+    job = from_dict(job_dict(model={"layers": [784, 128, 10]}, training={
+        "batch_size": "adaptive", "adaptive": {"start": 128, "max": 16384, "rule": "goodput",
+                                               "goodput_workers": 64, "goodput_network": "10gbe"}}))
+    ext = AdaptiveBatch(job)
+    ext.n_bytes = 4 * 101_770
+    a, b = ext.planned(1e-4, 3.75e-6)
+    assert a == pytest.approx(1e-4 + 126 * 20e-6 + 2 * 63 / 64 * 407_080 * 0.8e-9, rel=1e-12)
+    assert b == pytest.approx(3.75e-6 / 64, rel=1e-12)
+    assert ext.multiple == 64 and (ext.lo, ext.hi) == (128, 16384)
+    best = math.sqrt(a * 500.0 / b)                     # ≈ 5,275: a cluster's step favours large batches
+    assert abs(goodput_rule(500.0, 128, 128, 16384, 64, a, b) - best) <= 64
+    assert goodput_rule(500.0, 128, 128, 16384, 64, 1e-4, 3.75e-6) <= 192      # one worker's: √(a·φ/b) ≈ 115
+    assert NETWORKS.get("10gbe").alpha == 20e-6
+    own = AdaptiveBatch(from_dict(job_dict(training={"batch_size": "adaptive", "adaptive": {"rule": "goodput"}})))
+    assert own.planned(1e-4, 3.75e-6) == (1e-4, 3.75e-6)
+
+
+def test_the_noise_estimates_average_over_a_window_of_steps():
+    """ema_update: decay exp(−steps/window) per update, so two updates 50 steps apart weigh
+    an old estimate as one 100 steps later does; the bias correction makes the first update
+    the estimate itself; an estimate 500 steps old keeps e^-5 of its weight (by hand)."""
+    d = math.exp(-0.5)
+    ema, w = ema_update([0.0, 0.0], 0.0, 4.0, 100.0, 50, 100)
+    assert ema == pytest.approx([(1 - d) * 4.0, (1 - d) * 100.0]) and w == pytest.approx(1 - d)
+    assert ema[0] / w == pytest.approx(4.0) and ema[1] / w == pytest.approx(100.0)
+    twice = ema_update(*ema_update(ema, w, 1.0, 90.0, 50, 100), 1.0, 90.0, 50, 100)
+    once = ema_update(ema, w, 1.0, 90.0, 100, 100)
+    assert twice[0] == pytest.approx(once[0], rel=1e-12) and twice[1] == pytest.approx(once[1], rel=1e-12)
+    late = ema_update(ema, w, 0.2, 90.0, 500, 100)
+    old = math.exp(-5) * (1 - d)                        # the first estimate's weight now
+    assert late[0][0] / late[1] == pytest.approx((old * 4.0 + (1 - math.exp(-5)) * 0.2) / (old + 1 - math.exp(-5)))
+    assert late[0][0] / late[1] < 1.01 * 0.2 + 0.01
 
 
 def test_the_noise_rule_rounds_to_multiples_within_the_bounds():
@@ -131,6 +171,13 @@ def test_two_workers_choose_the_batches_of_one_and_train_its_model(tmp_path):
     ({}, {"schedule": "cosine"}, "optimizer.schedule: cosine is fixed to the run's length in steps"),
     ({}, {"name": "adam"}, "optimizer.name: adam with training.batch_size: adaptive"),
     ({"batch_size": "auto"}, {}, "training.batch_size: expected a positive integer or adaptive, got 'auto'"),
+    ({"adaptive": {"goodput_workers": 64}}, {}, "training.adaptive.goodput_workers: plans the goodput rule's"),
+    ({"adaptive": {"rule": "goodput", "goodput_workers": -1}}, {},
+     "training.adaptive.goodput_workers: expected a non-negative value, got -1"),
+    ({"adaptive": {"rule": "goodput", "goodput_workers": 256, "start": 128}}, {},
+     "training.adaptive.goodput_workers: 256 workers cannot share a global batch of 128"),
+    ({"adaptive": {"rule": "goodput", "goodput_network": "carrier-pigeon"}}, {},
+     "training.adaptive.goodput_network: expected one of 10gbe,"),
 ])
 def test_settings_that_cannot_work_are_refused_naming_the_field(training, optimizer, expected):
     spec = job_dict(training={"batch_size": "adaptive", **training}, optimizer=optimizer)

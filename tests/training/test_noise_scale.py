@@ -15,12 +15,13 @@ import yaml
 from distffn.cli import main
 from distffn.data.byte_images import ByteImages, dense
 from distffn.data.prepare import prepare_data
+from distffn.errors import UserError
 from distffn.jobspec import from_dict
 from distffn.nn.model import MLP
 from distffn.training import Trainer
 from distffn.training.noise_scale import estimate_noise_scale, two_size_estimates
 
-from helpers import MPIEXEC, needs_mpi, run_group, user_error, write_job, write_mnist
+from helpers import MPIEXEC, job_dict, needs_mpi, run_group, user_error, write_job, write_mnist
 
 LAYERS = [6, 16, 3]
 
@@ -101,8 +102,9 @@ def test_the_checkpoint_estimator_reads_8_bit_images_as_their_decoded_values(tmp
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_the_training_log_estimates_the_same_at_a_fixed_theta(tmp_path, workers):
-    """lr ≈ 0 keeps Θ at its initial value; with noise_ema 0 every noise record is the plain
-    estimate of its interval, and their mean must match the exact figures (sampled without
+    """lr ≈ 0 keeps Θ at its initial value; with noise_window 1 (a decay of e^-10 or less
+    between log points, 10 or more steps apart) every noise record is the plain estimate of its
+    interval, and their mean must match the exact figures (sampled without
     replacement within an epoch: tr(Σ)·n/(n−1) and |G|² − tr(Σ)/(n−1) are the expectations)."""
     n, batch = 640, 32
     x, y = synthetic(n, seed=3)
@@ -113,7 +115,7 @@ def test_the_training_log_estimates_the_same_at_a_fixed_theta(tmp_path, workers)
                     optimizer={"lr": 1e-12, "momentum": 0.0},
                     training={"batch_size": batch, "epochs": 150, "eval_every": 0},
                     scaling={"num_workers": workers},
-                    metrics={"noise_scale": True, "noise_every": 1, "noise_ema": 0.0})
+                    metrics={"noise_scale": True, "noise_every": 1, "noise_window": 1})
     out = tmp_path / "run"
     Trainer(job, str(out), progress=False, echo=lambda s: None).run()
     records = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
@@ -190,3 +192,17 @@ def test_noise_scale_on_ray_in_both_modes(tmp_path, ray_instance, mode):
     noise = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines() if '"noise"' in s]
     assert noise and {(n["b_small"], n["b_big"]) for n in noise} == {(25, 50)}
     assert all(n["trace_sigma"] > 0 for n in noise)
+
+
+@pytest.mark.parametrize("metrics,expected", [
+    ({"noise_window": 0}, "metrics.noise_window: expected a positive value, got 0"),
+    ({"noise_ema": 0.9}, "metrics.noise_ema: no longer a key; use metrics.noise_window (steps: the time constant "
+                         "of the same EMA)"),
+])
+def test_a_window_that_cannot_average_is_refused_naming_the_field(metrics, expected):
+    with pytest.raises(UserError) as e:
+        from_dict(job_dict(metrics=metrics))
+    assert str(e.value) == expected
+    if "noise_ema" in metrics:          # a checkpoint of an older run keeps the key: it still loads
+        from distffn.jobspec import from_stored
+        assert from_stored(job_dict(metrics=metrics), "checkpoint").metrics.noise_window == 100
