@@ -291,7 +291,7 @@ def batch_figure(records: list[dict], name: str, bounds: tuple = (None, None), r
     at_choice = [(r["step"], r["b_simple"]) for r in chosen if _finite(r.get("b_simple")) and r["b_simple"] > 0]
     if at_choice:
         top.plot(*zip(*at_choice), ls="none", marker="o", ms=5, mfc="none", color="tab:orange",
-                 label="B_simple the choice followed")
+                 label="B_simple the choice followed" if rules == ["noise"] else "B_simple each choice was made from")
     # named where the batch is usually far from them: the start on the right, the max on the left
     for bound, which, side in zip(bounds, ("start", "max"), (1, 0)):
         if _finite(bound) and bound > 0:
@@ -325,7 +325,9 @@ def batch_figure(records: list[dict], name: str, bounds: tuple = (None, None), r
         ax.grid(True, which="minor", alpha=0.15)
     top.legend(fontsize=8, loc="best")
     bottom.xaxis.get_major_locator().set_params(integer=True)
-    fig.suptitle(f"{name}: adaptive global batch (rule: {', '.join(rules)})")
+    plan = next((f", for {r['goodput_workers']} workers on {r.get('goodput_network')}" for r in chosen
+                 if _count(r.get("goodput_workers"))), "")
+    fig.suptitle(f"{name}: adaptive global batch (rule: {', '.join(rules)}{plan})")
     fig.tight_layout()
     return fig
 

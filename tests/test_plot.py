@@ -352,6 +352,13 @@ def test_an_adaptive_run_writes_batch_png_holding_each_batch_until_the_next_choi
     line = next(line for line in top.get_lines() if line.get_label() == "global batch B")
     assert list(line.get_xdata()) == [0, 4, 6, 8, 10] and line.get_drawstyle() == "steps-post"
     assert top.get_yscale() == "log"
+    # a goodput schedule planned for a cluster says so; its B_simple is what it chose from
+    planned = [dict(r, rule="goodput", goodput_workers=64, goodput_network="10gbe") if r.get("event") == "batch" else r
+               for r in records]
+    fig = batch_figure(planned, "adaptive")
+    assert fig.get_suptitle() == "adaptive: adaptive global batch (rule: goodput, for 64 workers on 10gbe)"
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert "B_simple each choice was made from" in labels and "B_simple the choice followed" not in labels
 
 
 def test_a_run_without_batch_records_has_no_batch_schedule_and_no_batch_png(tmp_path):

@@ -282,10 +282,12 @@ class AdaptiveBatch(Extension):
         step = trainer.state.step
         epoch = trainer.epoch_progress()
         path = os.path.join(trainer.out_dir, "metrics.jsonl")
+        plan = ({"goodput_workers": self.cfg.goodput_workers, "goodput_network": self.cfg.goodput_network}
+                if self.link is not None else {})
         append_record(path, {
             "event": "batch", "step": step, "epoch": epoch, "batch_size": s.batch, "gain": s.gain,
             "lr": self.learning_rate(), "progress": s.progress, "b_simple": s.b_simple(),
-            "rule": self.cfg.rule, "samples": trainer.samples_seen()})
+            "rule": self.cfg.rule, **plan, "samples": trainer.samples_seen()})
         est = s.estimates()
         if self.job.metrics.noise_scale and est is not None:       # what NoiseScaleLog writes on fixed batches
             append_record(path, {"event": "noise", "step": step, "epoch": epoch, "b_simple": s.b_simple(),

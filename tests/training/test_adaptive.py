@@ -79,6 +79,20 @@ def test_the_goodput_rule_plans_for_other_workers_with_their_allreduce():
     assert own.planned(1e-4, 3.75e-6) == (1e-4, 3.75e-6)
 
 
+def test_a_schedule_planned_for_a_cluster_steps_in_its_multiples_and_says_so(tmp_path):
+    """goodput_workers: 4 on one worker: every batch a multiple of 4 (its workers' shards),
+    each choice recorded with the plan it was made for."""
+    out = tmp_path / "run"
+    train_in_process(out, training={**ADAPTIVE, "adaptive": {"start": 8, "max": 60, "every_steps": 3, "rule": "goodput",
+                                                             "goodput_workers": 4, "goodput_network": "ib-hdr"}},
+                     metrics={"noise_every": 1})
+    with open(out / "metrics.jsonl") as f:
+        chosen = [r for r in map(json.loads, f) if r["event"] == "batch"]
+    assert len(chosen) > 3 and len({r["batch_size"] for r in chosen}) > 1
+    assert all(r["batch_size"] % 4 == 0 and 8 <= r["batch_size"] <= 60 for r in chosen)
+    assert {(r["goodput_workers"], r["goodput_network"]) for r in chosen} == {(4, "ib-hdr")}
+
+
 def test_the_noise_estimates_average_over_a_window_of_steps():
     """ema_update: decay exp(−steps/window) per update, so two updates 50 steps apart weigh
     an old estimate as one 100 steps later does; the bias correction makes the first update
