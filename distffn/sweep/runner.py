@@ -424,7 +424,7 @@ def closing_lines(summary: dict) -> list[str]:
 def adaptive_line(a: dict, summary: dict) -> str:
     """An adaptive entry's closing line: its steps and samples, the saving against the fit,
     and its projection at 64 workers against the fastest fixed batch there."""
-    head = f"{schedule_label(a)[:-1]}, every {a['every_steps']} steps)"
+    head = schedule_label(a, every=True)
     if not a["reached"]:
         return (f"{head}: target not reached{' in every seed' if summary.get('seeds') else ''} within "
                 f"{summary.get('max_epochs')} epochs")
@@ -432,8 +432,9 @@ def adaptive_line(a: dict, summary: dict) -> str:
     line = (f"{head}, lr {a['lr']:.4g}: {plain(a['steps_to_target'])} steps, {plain(a['samples_to_target'])} samples "
             f"to target{f' (median of {n_seeds} seeds)' if n_seeds > 1 else ''}")
     if a.get("steps_saving") is not None:
+        saving = a["steps_saving"]
         line += (f"; the fixed batches' fit needs {plain(a['fit_steps_at_samples'])} steps for those samples: "
-                 f"{100 * a['steps_saving']:.0f}% fewer steps")
+                 f"{100 * abs(saving):.0f}% {'fewer' if saving >= 0 else 'more'} steps")
     proj = summary.get("projection") or {}
     mine = (a.get("projected_seconds") or {}).get("64")
     if mine is not None:

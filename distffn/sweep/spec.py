@@ -97,12 +97,13 @@ class AdaptiveEntry:
         return out
 
 
-def schedule_label(settings: dict) -> str:
+def schedule_label(settings: dict, every: bool = False) -> str:
     """An adaptive schedule as lines and legends name it: ``adaptive goodput (B 128→16384, for
-    64 workers on 10gbe)``."""
+    64 workers on 10gbe[, every 50 steps])``."""
     plan = (f", for {settings['goodput_workers']} workers on {settings['goodput_network']}"
             if settings.get("goodput_workers") else "")
-    return f"adaptive {settings['rule']} (B {settings['start']}→{settings['max']}{plan})"
+    often = f", every {settings['every_steps']} steps" if every else ""
+    return f"adaptive {settings['rule']} (B {settings['start']}→{settings['max']}{plan}{often})"
 
 
 # the schedule chooses from the norms measured since its last choice: every 5 steps gives it

@@ -48,3 +48,16 @@ def test_b_noise_leaves_out_estimates_that_are_not_positive():
     noise = {32: {"b_simple": 55.2}, 128: {"b_simple": -36.9}, 512: {"b_simple": None}, 1024: {"b_simple": 80.0}}
     assert median_b_simple(noise) == (55.2 + 80.0) / 2
     assert median_b_simple({128: {"b_simple": -36.9}}) is None
+
+
+def test_an_adaptive_line_names_the_plan_and_says_more_steps_where_the_fit_needs_fewer():
+    from distffn.sweep.runner import adaptive_line
+    a = {"rule": "goodput", "start": 128, "max": 16384, "every_steps": 50, "goodput_workers": 64,
+         "goodput_network": "10gbe", "reached": True, "seeds": [{}] * 10, "lr": 0.025, "steps_to_target": 318,
+         "samples_to_target": 786016, "fit_steps_at_samples": 212.0, "steps_saving": 1 - 318 / 212}
+    line = adaptive_line(a, {})
+    assert line.startswith("adaptive goodput (B 128→16384, for 64 workers on 10gbe, every 50 steps), lr 0.025: "
+                           "318 steps, 786,016 samples to target (median of 10 seeds)"), line
+    assert line.endswith("needs 212 steps for those samples: 50% more steps"), line
+    line = adaptive_line(dict(a, goodput_workers=None, steps_to_target=106, steps_saving=0.5), {})
+    assert "(B 128→16384, every 50 steps)" in line and line.endswith(": 50% fewer steps"), line
