@@ -3,15 +3,14 @@ outside mpiexec runs the same command under ``mpiexec -n N``."""
 from __future__ import annotations
 
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 
 from ..data.prepare import prepare_data
+from ..errors import UserError
 from ..optim import OPTIMIZERS
 from ..xp import get_array_module
 from .mpi_env import (
@@ -24,6 +23,7 @@ from .mpi_env import (
     under_mpi,
     world,
 )
+from .mpi_reports import MpiexecReport
 from .resources import check_cores, check_memory, note
 from .watchdog import die_with_parent
 
@@ -74,25 +74,36 @@ def maybe_relaunch_under_mpi(job, argv: list[str], checks=(), env=None) -> int |
     env = dict(os.environ, **network_env(None), **(env or {}), **{RESTARTED_BY_LAUNCHER: "1"})
     failures, limit = 0, job.failure.max_failures
     while True:
-        cmd = [find_mpiexec(single_node=True), "-n", str(job.scaling.num_workers),
-               sys.executable, "-m", "distffn.cli", *argv]
+        mpiexec = find_mpiexec(single_node=True)
+        cmd = [mpiexec, "-n", str(job.scaling.num_workers), sys.executable, "-m", "distffn.cli", *argv]
         fd, result = tempfile.mkstemp(prefix="distffn-mpi-result-")
         os.close(fd)
         segments = shared_memory_segments()
         try:
-            code, signalled, ended = _run_mpiexec(cmd, dict(env, **{MPI_RESULT_ENV: result}))
+            code, signalled, report = _run_mpiexec(cmd, dict(env, **{MPI_RESULT_ENV: result}))
             with open(result) as f:
                 written = f.read().strip()
         finally:
             os.unlink(result)
             remove_orphaned_segments(segments)      # what killed ranks could not remove
+        refused = None if written else report.refusal(mpiexec)
+        if refused:
+            # no rank ran: the user's environment (e.g. root under Open MPI), which the same
+            # command would meet on every restart, so failure.max_failures does not apply: exit 2
+            raise UserError(refused)
         lost = None
         if not written and not signalled:
-            # gforker reports 0 when it ended the ranks itself after one was killed
-            lost = _lost_rank(ended) or f"a rank was lost (mpiexec exit code {code})"
+            # mpiexec's own report names the rank; gforker reports 0 when it ended the ranks itself
+            # after one was killed, so without a report its last words are all there is
+            lost = report.lost_rank() or report.unexplained(code)
             code = 1
         elif written:
             code = int(written)
+            if not signalled and code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+                # rank 0 was stopped, and not through this launcher: mpiexec ending the survivors
+                # of a lost rank (gforker with SIGINT, Open MPI with SIGTERM), which it names
+                lost = report.lost_rank()
+                code = 1 if lost else code
         # success, a user error, or a stop this launcher was asked for end here; anything else is a
         # lost rank (gforker ends the survivors with SIGINT, so their 130 is not the user's)
         if signalled or code in (0, 2) or (limit != -1 and failures >= limit):
@@ -106,33 +117,15 @@ def maybe_relaunch_under_mpi(job, argv: list[str], checks=(), env=None) -> int |
             argv = [*argv, "--resume"]
 
 
-# gforker's line for each rank that ended: "[0]1:Return code = 0, signaled with Killed"
-_RANK_ENDED = re.compile(r"^\[\d+\](\d+):Return code = (-?\d+)(?:, signaled with (\w+))?\s*$")
-_GFORKER_OWN = {"Quit", "Interrupt", "Terminated"}       # how gforker ends the survivors itself
-_SIGNAL_WORDS = {"Killed": "SIGKILL", "Aborted": "SIGABRT", "Segmentation": "SIGSEGV", "Bus": "SIGBUS",
-                 "Hangup": "SIGHUP", "Illegal": "SIGILL", "Floating": "SIGFPE"}   # strsignal()'s first word
-
-
-def _lost_rank(ended: dict) -> str | None:
-    """``worker 1 (MPI rank 1 on HOST) was killed by SIGKILL`` from gforker's report of how each
-    rank ended, for the rank that ended first on its own (not by gforker's clean-up)."""
-    for rank, how in sorted(ended.items()):
-        if how not in _GFORKER_OWN and how != "0":
-            cause = (f"exited with code {how}" if how.lstrip("-").isdigit()
-                     else f"was killed by {_SIGNAL_WORDS.get(how, f'a signal ({how})')}")
-            return f"worker {rank} (MPI rank {rank} on {socket.gethostname()}) {cause}"
-    return None
-
-
-def _run_mpiexec(cmd, env) -> tuple[int, bool, dict]:
-    """Run ``cmd``; (its exit code, whether this launcher was asked to stop meanwhile, how each
-    rank ended as gforker reports it: {rank: signal name or exit code})."""
-    # gforker's output passes through here, so its per-rank report can name a lost rank
+def _run_mpiexec(cmd, env) -> tuple[int, bool, MpiexecReport]:
+    """Run ``cmd``; (its exit code, whether this launcher was asked to stop meanwhile, what
+    mpiexec itself said about how the ranks ended or why it would not start them)."""
+    # mpiexec's output passes through here, so its own reports can name a lost rank
     proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent,         # no orphans if we die
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    ended: dict = {}
-    pumps = [threading.Thread(target=_pump, args=(pipe, out, ended), daemon=True)
-             for pipe, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+    report = MpiexecReport()
+    pumps = [threading.Thread(target=_pump, args=(pipe, out, report.stream(is_stderr)), daemon=True)
+             for pipe, out, is_stderr in ((proc.stdout, sys.stdout, False), (proc.stderr, sys.stderr, True))]
     for t in pumps:
         t.start()
     signalled = []
@@ -152,17 +145,18 @@ def _run_mpiexec(cmd, env) -> tuple[int, bool, dict]:
         signal.signal(signal.SIGTERM, previous)
         for t in pumps:
             t.join(timeout=5)
-    return (*result, ended)
+    return (*result, report)
 
 
-def _pump(pipe, out, ended: dict):
-    """Copy the ranks' output through, line by line, keeping gforker's per-rank reports aside."""
+def _pump(pipe, out, stream):
+    """Copy the ranks' output through, line by line, keeping mpiexec's own reports aside."""
     for raw in iter(pipe.readline, b""):
-        line = raw.decode(errors="replace")
-        m = _RANK_ENDED.match(line)
-        if m:
-            ended[int(m.group(1))] = m.group(3) or m.group(2)
-            continue
-        out.write(line)
-        out.flush()
+        _write(out, stream.feed(raw.decode(errors="replace")))
+    _write(out, stream.close())
     pipe.close()
+
+
+def _write(out, lines):
+    if lines:
+        out.write("".join(lines))
+        out.flush()
