@@ -24,6 +24,8 @@ class Adam(Optimizer):
     """PyTorch's Adam: betas (β₁, β₂), eps, weight_decay (L2)"""
 
     buffers = ("exp_avg", "exp_avg_sq")
+    gpu_kernel = "adam_update"
+    _decay_slot = 1
 
     def __init__(self, cfg, size, xp=np, dtype=np.float32, kernels="numpy"):
         super().__init__(cfg, size, xp, dtype, kernels)
@@ -40,16 +42,22 @@ class Adam(Optimizer):
         if not cfg.eps > 0:
             raise UserError(f"optimizer.eps: expected a positive number, got {cfg.eps!r}")
 
-    def _update(self, params, grad, lr, grad_scale):
-        xp, dt = self.xp, self.dtype.type
+    def _scalars(self, lr, grad_scale):
+        # the bias corrections of update t + 1 (the coming one), in float64 as PyTorch's
         b1, b2 = self.beta1, self.beta2
         step = self.t + 1
         step_size = lr / (1.0 - b1 ** step)
         bc2_sqrt = math.sqrt(1.0 - b2 ** step)
+        return (grad_scale, self.weight_decay, 1.0 - b1, b2, 1.0 - b2, bc2_sqrt, self.cfg.eps,
+                -step_size)
+
+    def _update(self, params, grad, lr, grad_scale):
+        xp, dt = self.xp, self.dtype.type
+        scalars = self._scalars(lr, grad_scale)
+        _, _, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, neg_step_size = scalars
         m_all, v_all = self.state["exp_avg"], self.state["exp_avg_sq"]
         if self.fused:
-            self.fused.adam_update(params, m_all, v_all, grad, grad_scale, self.weight_decay,
-                                   1.0 - b1, b2, 1.0 - b2, bc2_sqrt, self.cfg.eps, -step_size)
+            self.fused.adam_update(params, m_all, v_all, grad, *scalars)
             return
         for s in range(0, params.shape[0], CHUNK):
             p, g, m, v = params[s:s + CHUNK], grad[s:s + CHUNK], m_all[s:s + CHUNK], v_all[s:s + CHUNK]
@@ -60,16 +68,16 @@ class Adam(Optimizer):
                 xp.multiply(p, dt(self.weight_decay), out=tmp)
                 g += tmp
             xp.subtract(g, m, out=tmp)              # m.lerp_(g, 1 − β₁)
-            tmp *= dt(1.0 - b1)
+            tmp *= dt(one_minus_b1)
             m += tmp
             v *= dt(b2)                             # v.mul_(β₂).addcmul_(g, g, value=1 − β₂)
-            xp.multiply(g, dt(1.0 - b2), out=tmp)
+            xp.multiply(g, dt(one_minus_b2), out=tmp)
             tmp *= g
             v += tmp
             xp.sqrt(v, out=tmp)                     # denom = √v / √(1 − β₂ᵗ) + eps
             tmp /= dt(bc2_sqrt)
-            tmp += dt(self.cfg.eps)
-            xp.multiply(m, dt(-step_size), out=g)   # Θ.addcdiv_(m, denom, value=−step_size)
+            tmp += dt(eps)
+            xp.multiply(m, dt(neg_step_size), out=g)   # Θ.addcdiv_(m, denom, value=−step_size)
             g /= tmp
             p += g
 

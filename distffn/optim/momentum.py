@@ -5,11 +5,7 @@ is PyTorch's ``SGD(momentum=μ)`` with its velocity scaled by −ε.
 """
 from __future__ import annotations
 
-import functools
-
-import numpy as np
-
-from .optimizer import CHUNK, OPTIMIZERS, Optimizer, check_momentum
+from .optimizer import CHUNK, OPTIMIZERS, Optimizer, check_momentum, momentum_scalars
 
 
 def momentum_update_numpy(theta, velocity, grad, momentum: float, scale: float, decay: float = 0.0):
@@ -25,34 +21,19 @@ def momentum_update_numpy(theta, velocity, grad, momentum: float, scale: float, 
         t += v
 
 
-@functools.lru_cache(maxsize=None)
-def _momentum_kernel():
-    import cupy
-    # one pass over the flat buffers (ChainerMN's MomentumSGD kernel)
-    return cupy.ElementwiseKernel(
-        "T g, T mu, T scale, T decay", "T p, T v",
-        "v = mu * v + scale * g - decay * p; p += v",
-        "distffn_momentum_update")
-
-
-def momentum_update_cupy(theta, velocity, grad, momentum: float, scale: float, decay: float = 0.0):
-    """Twin of :func:`momentum_update_numpy` on the GPU (``grad`` is left intact)."""
-    dt = theta.dtype.type
-    _momentum_kernel()(grad, dt(momentum), dt(scale), dt(decay), theta, velocity)
-
-
 @OPTIMIZERS.named("momentum")
 class MomentumSGD(Optimizer):
     """v ← μ·v − ε·ΔΘ; Θ ← Θ + v (the lectures' form; μ = optimizer.momentum)"""
 
     buffers = ("velocity",)
+    gpu_kernel = "momentum_update"
+    _decay_slot = 2
+    _scalars = momentum_scalars
 
     @classmethod
     def check(cls, cfg):
         check_momentum(cfg)
 
     def _update(self, params, grad, lr, grad_scale):
-        step = (self.fused.momentum_update if self.fused else
-                momentum_update_numpy if self.xp is np else momentum_update_cupy)
-        step(params, self.state["velocity"], grad, self.cfg.momentum, -lr * grad_scale,
-             lr * self.weight_decay)
+        step = self.fused.momentum_update if self.fused else momentum_update_numpy
+        step(params, self.state["velocity"], grad, *self._scalars(lr, grad_scale))

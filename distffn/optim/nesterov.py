@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .optimizer import CHUNK, OPTIMIZERS, Optimizer, check_momentum
+from .optimizer import CHUNK, OPTIMIZERS, Optimizer, check_momentum, momentum_scalars
 
 
 @OPTIMIZERS.named("nesterov")
@@ -17,6 +17,9 @@ class NesterovSGD(Optimizer):
     """v ← μ·v − ε·ΔΘ; Θ ← Θ + μ·v − ε·ΔΘ (Nesterov momentum)"""
 
     buffers = ("velocity",)
+    gpu_kernel = "nesterov_update"
+    _decay_slot = 2
+    _scalars = momentum_scalars
 
     def __init__(self, cfg, size, xp=np, dtype=np.float32, kernels="numpy"):
         super().__init__(cfg, size, xp, dtype, kernels)
@@ -30,7 +33,7 @@ class NesterovSGD(Optimizer):
         xp, mu, decay = self.xp, self.cfg.momentum, lr * self.weight_decay
         velocity = self.state["velocity"]
         if self.fused:
-            self.fused.nesterov_update(params, velocity, grad, mu, -lr * grad_scale, decay)
+            self.fused.nesterov_update(params, velocity, grad, *self._scalars(lr, grad_scale))
             return
         for s in range(0, params.shape[0], CHUNK):
             t, v, g = params[s:s + CHUNK], velocity[s:s + CHUNK], grad[s:s + CHUNK]

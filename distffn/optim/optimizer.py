@@ -29,15 +29,23 @@ class Optimizer:
     """Updates a flat parameter vector in place from a flat gradient.
 
     ``buffers`` names the state vectors (each the size of Θ, zero at the start); ``t`` counts
-    the updates applied so far (the run's step).
+    the updates applied so far (the run's step). On the GPU an update is one CUDA kernel
+    reading its scalars from the device vector :attr:`hyper`, in two halves a CUDA graph can
+    use: :meth:`prepare` on the host, :meth:`launch` on the device.
     """
 
     name = "base"
     buffers: tuple[str, ...] = ()
+    # the GPU update: its kernel's wrapper in optim/cuda_update_kernels.py, and the index in
+    # _scalars() of the decay coefficient whose being nonzero turns the decay term on
+    gpu_kernel: str = ""
+    _decay_slot = 0
 
     def __init__(self, cfg, size: int, xp=np, dtype=np.float32, kernels: str = "numpy"):
         """``cfg`` is the job spec's optimizer section; ``size`` the length of Θ; ``kernels``
-        ``numpy`` or ``numba`` (``optim/update_kernels.py``: float32 NumPy buffers only)."""
+        ``numpy`` or ``numba`` (``optim/update_kernels.py``: float32 NumPy buffers only). With
+        CuPy as ``xp`` (float32 only) the updates are the CUDA kernels of
+        ``optim/cuda_update_kernels.py``, whatever ``kernels`` says."""
         self.cfg, self.xp, self.dtype = cfg, xp, np.dtype(dtype)
         self.weight_decay = cfg.weight_decay
         # the module of numba twins, or None: the NumPy (or CuPy) path
@@ -45,6 +53,14 @@ class Optimizer:
                       else None)
         self.state = {name: xp.zeros(size, self.dtype) for name in self.buffers}
         self.t = 0
+        # on the GPU: the update's scalars in device memory (DeviceScalars), read by the kernel
+        self._scalars_gpu = None
+        if xp is not np:
+            if self.dtype != np.float32:
+                raise TypeError(f"optimizer {self.name!r}: the GPU updates are float32 kernels, "
+                                f"got {self.dtype}")
+            from .cuda_update_kernels import SLOTS, DeviceScalars
+            self._scalars_gpu = DeviceScalars(len(SLOTS[self.gpu_kernel]))
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -54,10 +70,54 @@ class Optimizer:
         """One step of ``params`` given the gradient ``grad_scale · grad``.
 
         The aggregator passes ΔΘ summed over a global batch of B samples and ``1/B``, so the
-        scale folds into the update's own pass; ``grad`` is clobbered.
+        scale folds into the update's own pass; ``grad`` is clobbered (on the GPU: left intact).
+        On the GPU this is :meth:`prepare` then :meth:`launch`.
         """
-        self._update(params, grad, float(lr), float(grad_scale))
+        if self._scalars_gpu is not None:
+            self.prepare(lr, grad_scale)
+            self.launch(params, grad)
+        else:
+            self._update(params, grad, float(lr), float(grad_scale))
         self.t += 1
+
+    @property
+    def hyper(self):
+        """On the GPU: the float32 device vector of the coming update's scalars, which the
+        kernel reads (its slots: ``optim/cuda_update_kernels.py``); allocated once, never
+        moved. None on the CPU."""
+        return None if self._scalars_gpu is None else self._scalars_gpu.device
+
+    def prepare(self, lr: float, grad_scale: float = 1.0) -> None:
+        """GPU only: the host half of update ``t + 1``. Computes its scalars in float64 and
+        casts them to float32 as the NumPy update does, and queues their copy into
+        :attr:`hyper` on the current stream (no wait for the GPU). It does not count the
+        update: :meth:`update` is ``prepare``, :meth:`launch`, then ``t += 1``.
+
+        With a CUDA graph that captured :meth:`launch`, the host calls ``prepare(lr,
+        grad_scale)`` before each replay, on the stream the graph is launched on, and
+        ``t += 1`` after it (Adam's bias corrections read ``t``).
+        """
+        if self._scalars_gpu is None:
+            raise RuntimeError("Optimizer.prepare/launch are the GPU update's halves; "
+                               "on the CPU call update()")
+        scalars = self._scalars(float(lr), float(grad_scale))
+        self._scalars_gpu.write((*scalars, scalars[self._decay_slot] != 0))
+
+    def launch(self, params, grad) -> None:
+        """GPU only: launch the update's kernel on the current stream, reading its scalars from
+        :attr:`hyper` (written by :meth:`prepare`). It does no host work that a CUDA graph's
+        replay would skip, so a graph may capture it; ``grad`` is left intact."""
+        if self._scalars_gpu is None:
+            raise RuntimeError("Optimizer.prepare/launch are the GPU update's halves; "
+                               "on the CPU call update()")
+        from . import cuda_update_kernels
+        getattr(cuda_update_kernels, self.gpu_kernel)(
+            params, *(self.state[name] for name in self.buffers), grad, self.hyper)
+
+    def _scalars(self, lr: float, grad_scale: float) -> tuple[float, ...]:
+        """The update's scalars after the arrays, in the numba twin's argument order (float64;
+        the GPU's ``hyper`` holds them cast to float32, then the decay flag)."""
+        raise NotImplementedError
 
     def _update(self, params, grad, lr: float, grad_scale: float) -> None:
         raise NotImplementedError
@@ -89,6 +149,11 @@ def make_optimizer(cfg, size: int, xp=np, dtype=np.float32, kernels: str = "nump
 def _fused_module():
     from . import update_kernels  # imports numba: only when the numba kernels were chosen
     return update_kernels
+
+
+def momentum_scalars(self, lr: float, grad_scale: float) -> tuple[float, float, float]:
+    """``_scalars`` of the momentum optimizers: μ, −ε·grad_scale and the decay ε·λ."""
+    return self.cfg.momentum, -lr * grad_scale, lr * self.weight_decay
 
 
 def check_momentum(cfg) -> None:
