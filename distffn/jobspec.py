@@ -126,6 +126,8 @@ class ScalingConfig:
     interface: Optional[str] = None     # network interface for MPI between nodes (Ray allreduce on a cluster)
     placement: str = "auto"             # Ray: auto | spread (one worker a node where it can) | pack (fill a node first)
     cpus_per_worker: int = 0            # Ray: cores each worker holds (0: an even share, chosen at the start)
+    cuda_graph: Union[bool, str] = AUTO  # GPU: auto | true | false: the step captured once, replayed
+    tf32: bool = False                  # GPU: TF32 matrix products (faster; ~1e-3 relative error)
 
 
 @dataclass
@@ -326,6 +328,7 @@ def validate(job: JobConfig) -> JobConfig:
         raise UserError(f"scaling.placement: {s.placement} places Ray actors; with scaling.backend: {s.backend} "
                         f"the launcher places the workers (mpiexec's host file, SLURM's nodes); use auto")
     _positive(s.cpus_per_worker, "scaling.cpus_per_worker", allow_zero=True)
+    _check_gpu_options(s)
     if s.cpus_per_worker and s.backend != "ray":
         raise UserError(f"scaling.cpus_per_worker: sizes Ray's workers; with scaling.backend: {s.backend} "
                         f"each worker uses the cores of its share of the node; use 0")
@@ -403,6 +406,21 @@ def from_stored(raw: Any, source: str) -> JobConfig:
             if isinstance(raw.get(section), dict):
                 raw[section].pop(key, None)
     return from_dict(raw, source)
+
+
+def _check_gpu_options(s: ScalingConfig) -> None:
+    """``scaling.cuda_graph`` and ``scaling.tf32`` shape a GPU step; on the CPU they are mistakes."""
+    if s.cuda_graph not in (AUTO, True, False):
+        raise UserError(f"scaling.cuda_graph: expected auto, true or false; got {short(s.cuda_graph)}")
+    if s.cuda_graph is True and not s.use_gpu:
+        raise UserError("scaling.cuda_graph: true captures the GPU step in a CUDA graph; set "
+                        "scaling.use_gpu: true, or use auto")
+    if s.cuda_graph is True and s.backend != "local":
+        raise UserError(f"scaling.cuda_graph: true needs scaling.backend: local (with {s.backend}, the "
+                        f"gradients leave the GPU for MPI or Ray inside each step); use auto or false")
+    if s.tf32 and not s.use_gpu:
+        raise UserError("scaling.tf32: TF32 matrix products run on a GPU; set scaling.use_gpu: true or "
+                        "leave scaling.tf32 false")
 
 
 def from_dict(raw: Any, source: str = "job spec") -> JobConfig:

@@ -24,6 +24,23 @@ def get_array_module(use_gpu: bool):
     return cupy
 
 
+def array_module_for(job):
+    """The job's array module, with the GPU's matrix products in the job's precision:
+    float32, or TF32 on the tensor cores with ``scaling.tf32`` (10-bit mantissas in the
+    products, float32 sums)."""
+    xp = get_array_module(job.scaling.use_gpu)
+    if xp is not np:
+        set_tf32(xp, job.scaling.tf32)
+    return xp
+
+
+def set_tf32(cupy, on: bool) -> None:
+    """TF32 (``on``) or plain float32 products for CuPy's float32 matmuls in this process
+    (CuPy's switch behind its ``CUPY_TF32`` variable, which it reads only once)."""
+    from cupy._core import _routines_linalg as linalg
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if on else linalg.COMPUTE_TYPE_DEFAULT)
+
+
 def limit_blas_threads(threads: int):
     """At most ``threads`` BLAS threads in this process (workers sharing a node share its
     cores); the limiter, to restore later, or None without threadpoolctl (scikit-learn brings

@@ -92,6 +92,37 @@ class ByteImages:
         return bool(np.isfinite(self.table).all())
 
 
+class DeviceByteImages:
+    """:class:`ByteImages` moved to a GPU once: the uint8 codes and the 256-entry table in
+    device memory, rows gathered and decoded there by one CUDA kernel (bit for bit the
+    host's values: the same table)."""
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, images: ByteImages, xp):
+        self.codes = xp.asarray(np.ascontiguousarray(images.codes))
+        self.table = xp.asarray(images.table)
+        from .cuda_gather_kernels import take_rows  # CuPy's kernels: only on a GPU run
+        self._take_rows = take_rows
+
+    @property
+    def shape(self) -> tuple:
+        return self.codes.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.table.nbytes
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    def take(self, idx, out, kernel=None):
+        """Rows ``idx`` (device int64) decoded into the device float32 buffer ``out``."""
+        self._take_rows(self.codes, self.table, idx, out)
+        return out
+
+
 def dense(x) -> np.ndarray:
     """``x`` as a float32 ndarray (a copy for :class:`ByteImages`, else as it is)."""
     return np.asarray(x) if isinstance(x, ByteImages) else x

@@ -13,6 +13,7 @@ from ..data.prepare import prepare_data
 from ..errors import UserError
 from ..optim import OPTIMIZERS
 from ..xp import get_array_module
+from .devices import check_gpu_fits
 from .mpi_env import (
     MPI_RESULT_ENV,
     check_mpi4py,
@@ -65,9 +66,12 @@ def maybe_relaunch_under_mpi(job, argv: list[str], checks=(), env=None) -> int |
     check_mpi4py()                                  # mpi4py missing: say so before launching
     get_array_module(job.scaling.use_gpu)           # use_gpu without CuPy or a GPU: likewise
     check_cores(job)
-    model = prepare_data(job)[2]                    # bad data: one message here, not N (the
-                                                    # arrays are dropped: the ranks load their own)
-    check_memory(job, model, len(OPTIMIZERS.get(job.optimizer.name).buffers), job.scaling.num_workers)
+    _, data, model = prepare_data(job)              # bad data: one message here, not N
+    buffers = len(OPTIMIZERS.get(job.optimizer.name).buffers)
+    if job.scaling.use_gpu:                         # before any rank takes a GPU
+        check_gpu_fits(job, model, buffers, data, job.scaling.num_workers)
+    del data                                        # the ranks load their own
+    check_memory(job, model, buffers, job.scaling.num_workers)
     for check in checks:                            # the caller's (the run folder)
         check()
     # one node: the ranks talk through shared memory and nothing listens (module doc of mpi_env)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 from .. import kernels
-from ..xp import get_array_module
+from ..xp import array_module_for
+from . import cuda_graph
 from .aggregator import Aggregator
 from .backend import Backend, StepTimes, Totals, noise_every
 from .worker import Worker
@@ -16,7 +17,7 @@ class LocalBackend(Backend):
 
     def __init__(self, job, data):
         self.job = job
-        self.array_module = xp = get_array_module(job.scaling.use_gpu)
+        self.array_module = xp = array_module_for(job)
         self.num_workers = job.scaling.num_workers
         self.workers = [Worker(job, data.x_train, data.t_train, data.labels_train, r,
                                self.num_workers, xp) for r in range(self.num_workers)]
@@ -30,9 +31,18 @@ class LocalBackend(Backend):
                                      kernels=kernels.resolve(self.job.scaling.kernels, self.job.scaling.use_gpu),
                                      noise_every=noise_every(self.job))
         self._sum = xp.empty_like(self.aggregator.theta) if self.num_workers > 1 else None
+        if self.graphs is not None:     # a restart: the graphs read the old Θ's memory
+            self.graphs.close()
+        self.graphs = cuda_graph.GraphedSteps(self, self.job) if cuda_graph.wanted(self.job) else None
+
+    graphs = None                       # the CUDA graphs of a GPU run's steps (scaling.cuda_graph)
 
     def train_step(self, batch, lr):
         t0 = time.perf_counter()
+        if self.graphs is not None and self.graphs.step(batch, lr):
+            self.times.compute += time.perf_counter() - t0      # one launch: compute and update
+            self.times.steps += 1
+            return
         theta = self.aggregator.theta
         if self.num_workers == 1:
             grad = self.workers[0].compute(theta, batch)
@@ -69,3 +79,8 @@ class LocalBackend(Backend):
     def pop_times(self):
         out, self.times = self.times, StepTimes()
         return out
+
+    def close(self):
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None

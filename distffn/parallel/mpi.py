@@ -19,11 +19,14 @@ import numpy as np
 
 from .. import kernels
 from ..errors import WorkerFailed
-from ..xp import get_array_module, limit_blas_threads, to_numpy
+from ..xp import array_module_for, limit_blas_threads, to_numpy
 from .aggregator import Aggregator
 from .backend import Backend, GradNorms, StepTimes, Totals, noise_every
+from .devices import mpi_node_rank, place, sharing_note, use_device
+from .host_staging import HostStaging
 from .mpi_env import world
 from .node_shared import share_on_node
+from .resources import note
 from .worker import Worker
 
 _ARRIVE, _GO = 11, 12
@@ -92,7 +95,10 @@ class MPIBackend(Backend):
         self.timeout = job.scaling.timeout_s
         self._limit_blas_threads(blas_threads)
         self.hosts = self.comm.allgather(socket.gethostname())     # for messages that name a rank
-        self.array_module = xp = get_array_module(job.scaling.use_gpu)
+        self.array_module = xp = array_module_for(job)
+        # on MPI's world the node's ranks share its GPUs; in a Ray actor (a communicator of its
+        # own) Ray already chose the GPU and made it the only one visible
+        self.device = None if xp is np else (self._take_device(xp) if comm is None else 0)
         if (comm is None if share_data is None else share_data) and self.num_workers > 1:
             fields = ("x_train", "t_train", "labels_train", "x_test", "t_test", "labels_test")
             for name, array in share_on_node(self.comm, {f: getattr(data, f) for f in fields}).items():
@@ -102,6 +108,14 @@ class MPIBackend(Backend):
         self.times, self._compute = StepTimes(), []
         self._seq = 0                      # collectives so far: the handshake's tag
         self._wanted_stop = 0              # a signal this rank received, not yet agreed on
+
+    def _take_device(self, xp):
+        """This rank's GPU: its own while the node has enough, shared round robin otherwise."""
+        placement = place(*mpi_node_rank(self.comm, self.MPI), xp.cuda.runtime.getDeviceCount())
+        use_device(xp, placement)
+        if placement.local_rank == 0 and sharing_note(placement):
+            note(sharing_note(placement))
+        return placement.device
 
     def request_stop(self, signum: int):
         # a signal reaches the ranks at different steps; the next handshake tells every rank
@@ -152,6 +166,10 @@ class MPIBackend(Backend):
         else:
             self.theta = xp.array(theta, dtype=np.float32)
         self._sum = xp.empty_like(self.theta) if self.mode == "central" and self.is_root else None
+        # MPI sees host memory only: an MPI that is not CUDA-aware crashes on a device
+        # pointer, so gradients and Θ pass through page-locked twins on a GPU run
+        self._host = HostStaging(xp, self.theta)
+        self._host_sum = HostStaging(xp, self._sum) if self._sum is not None else None
 
     # ---------------------------------------------------------------- one step
     def _handshake(self, what: str):
@@ -201,19 +219,23 @@ class MPIBackend(Backend):
         grad = self.worker.compute(self.theta, batch)
         t1 = time.perf_counter()
         self._handshake(batch.describe())
+        host = self._host
         if self.mode == "allreduce":
-            comm.Allreduce(MPI.IN_PLACE, grad, op=MPI.SUM)
+            comm.Allreduce(MPI.IN_PLACE, host.down(grad), op=MPI.SUM)
+            host.up(grad)
             t2 = time.perf_counter()
             self.aggregator.apply(grad, len(batch), lr)
             t3 = time.perf_counter()
             t4 = t3
         else:
-            comm.Reduce(grad, self._sum, op=MPI.SUM, root=0)
+            comm.Reduce(host.down(grad), self._host_sum.host if self.is_root else None, op=MPI.SUM, root=0)
             t2 = time.perf_counter()
             if self.is_root:
-                self.aggregator.apply(self._sum, len(batch), lr)
+                self.aggregator.apply(self._host_sum.up(self._sum), len(batch), lr)
             t3 = time.perf_counter()
-            comm.Bcast(self.theta, root=0)
+            comm.Bcast(host.down(self.theta) if self.is_root else host.host, root=0)
+            if not self.is_root:
+                host.up(self.theta)
             t4 = time.perf_counter()
         self._compute.append(t1 - t0)
         self.times.compute += t1 - t0

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import kernels
 from ..errors import WorkerFailed
-from ..xp import get_array_module, limit_blas_threads, to_numpy
+from ..xp import array_module_for, limit_blas_threads, to_numpy
 from .aggregator import Aggregator
 from .backend import GradNorms, StepTimes, Totals, noise_every
 from .ray_cluster import RayBackend, actor_process
@@ -22,7 +22,7 @@ class _WorkerActor:
 
     def __init__(self, job, x, t, labels, rank, num_workers, threads):
         self._limits = limit_blas_threads(threads)
-        self.xp = get_array_module(job.scaling.use_gpu)
+        self.xp = array_module_for(job)
         self.worker = Worker(job, x, t, labels, rank, num_workers, self.xp)
         self.compute_times: list[float] = []
 

@@ -19,6 +19,7 @@ from ..errors import UserError, WorkerFailed
 from ..xp import get_array_module
 from . import watchdog
 from .backend import Backend
+from .devices import ray_gpu_share
 from .resources import check_cores, note, ray_address
 from .worker import FAULT_ENV
 
@@ -217,7 +218,13 @@ class RayBackend(Backend):
             else:
                 job.scaling.cpus_per_worker = max(1, max(node_cpus) // n)
         self.cpus = job.scaling.cpus_per_worker
-        bundle = {"CPU": self.cpus, **({"GPU": 1} if job.scaling.use_gpu else {})}
+        # more workers than the cluster's GPUs share them (a fraction each), as MPI ranks do
+        self.gpus = ray_gpu_share(n, int(total.get("GPU", 0))) if job.scaling.use_gpu else 0
+        if 0 < self.gpus < 1:
+            gpus = int(total.get("GPU", 0))
+            note(f"warning: {n} workers share the cluster's {gpus} GPU{'s' if gpus != 1 else ''} "
+                 f"({self.gpus:.4g} of a GPU each); each runs slower than on a GPU of its own")
+        bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if job.scaling.use_gpu else {})}
         missing = {k: v * n - total.get(k, 0) for k, v in bundle.items() if v * n > total.get(k, 0)}
         # more than the whole Ray has: waiting cannot help on a Ray of this run's own; a cluster
         # may get nodes (back) within scaling.timeout_s, after a failure or by autoscaling
@@ -246,7 +253,7 @@ class RayBackend(Backend):
         env = dict(runtime_env.get("env_vars", {}), **{k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ})
         if env:
             runtime_env["env_vars"] = env
-        return dict(num_cpus=self.cpus, num_gpus=1 if self.job.scaling.use_gpu else 0,
+        return dict(num_cpus=self.cpus, num_gpus=self.gpus,
                     runtime_env=runtime_env or None,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, rank))
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from .. import kernels
-from ..data.byte_images import ByteImages
+from ..data.byte_images import ByteImages, DeviceByteImages
 from ..data.sharding import Batch, epoch_permutation, shard_bounds
 from ..nn.model import MLP
 from .backend import GradNorms, noise_every, squared_norm
@@ -40,11 +40,18 @@ class Worker:
                  num_workers: int = 1, xp=np):
         self.job, self.rank, self.num_workers, self.xp = job, rank, num_workers, xp
         self.model = MLP(job.model, xp, kernels=kernels.resolve(job.scaling.kernels, xp is not np))
-        # the dataset stays where it is (host memory, the Ray object store or the GPU); 8-bit
-        # images stay bytes on the host and are decoded as a batch is gathered
-        self.x = x_train if isinstance(x_train, ByteImages) and xp is np else xp.asarray(x_train)
+        # the dataset stays where it is (host memory, the Ray object store) or moves to the GPU
+        # once; 8-bit images stay bytes (on the host or the device) and are decoded as a batch
+        # is gathered, so no step copies data from the host
+        if isinstance(x_train, ByteImages):
+            self.x = x_train if xp is np else DeviceByteImages(x_train, xp)
+        else:
+            self.x = xp.asarray(x_train)
         self.t, self.labels = xp.asarray(t_train), (None if labels_train is None else xp.asarray(labels_train))
         self._take_rows = _take_rows_kernel() if isinstance(self.x, ByteImages) and self.model.kernels == "numba" else None
+        if xp is not np:
+            from .. import cuda
+            cuda.compile_all()             # compiled (or loaded from CuPy's cache) before any timed step
         self.n = self.x.shape[0]
         self.grad = xp.zeros(self.model.num_params, self.model.dtype)
         self.grad_views = self.model.layout.views(self.grad)
@@ -57,16 +64,33 @@ class Worker:
         self.noise_every = noise_every(job)
         self.norms = GradNorms()
         self._half = None
+        # on a GPU the running loss sum and count of right answers stay in one device buffer,
+        # added to in place (no allocation: a CUDA graph can capture it), read at log points
+        self._totals = None if xp is np else xp.zeros(2, np.float64)
         self.reset_stats()
 
     def reset_stats(self):
         self.loss_sum, self.correct, self.count = 0.0, 0, 0
+        if self._totals is not None:
+            self._totals.fill(0)
 
     def pop_stats(self) -> tuple[float, int, int]:
         """Host copies of (loss sum, correct, samples) since the last call: one sync."""
+        if self._totals is not None:
+            loss, correct = self._totals.get()
+            self.loss_sum, self.correct = loss, round(correct)
         out = (float(self.loss_sum), int(self.correct), int(self.count))
         self.reset_stats()
         return out
+
+    def device_totals(self) -> list:
+        """The device buffers a step adds to (for a CUDA graph's check of a replay)."""
+        return [] if self._totals is None else [self._totals]
+
+    @property
+    def faulty(self) -> bool:
+        """Whether the tests asked this worker to fail (its steps then run eagerly)."""
+        return self._fault is not None
 
     def pop_norms(self) -> GradNorms:
         """The shard norms measured since the last call."""
@@ -84,11 +108,22 @@ class Worker:
             self._theta_views = (theta, self.model.layout.views(theta))
         return self._theta_views[1]
 
-    def shard_indices(self, batch: Batch) -> np.ndarray:
+    def batch_indices(self, batch: Batch):
+        """The rows of the whole global ``batch``: a slice of the epoch's permutation, which
+        lives where the data does (copied to the GPU once an epoch, not once a step)."""
         if self._perm[0] != batch.epoch:
-            self._perm = (batch.epoch, epoch_permutation(self.job.training.seed, batch.epoch, self.n))
-        lo, hi = shard_bounds(len(batch), self.num_workers, self.rank)
-        return self._perm[1][batch.start + lo:batch.start + hi]
+            perm = epoch_permutation(self.job.training.seed, batch.epoch, self.n)
+            self._perm = (batch.epoch, perm if self.xp is np else self.xp.asarray(perm))
+        return self._perm[1][batch.start:batch.stop]
+
+    def shard_range(self, batch_len: int) -> tuple[int, int]:
+        """[lo, hi) of this worker's shard within a global batch of ``batch_len`` rows."""
+        return shard_bounds(batch_len, self.num_workers, self.rank)
+
+    def shard_indices(self, batch: Batch):
+        """This worker's rows of ``batch``."""
+        lo, hi = self.shard_range(len(batch))
+        return self.batch_indices(batch)[lo:hi]
 
     def _gather_buffers(self, n: int):
         bufs = self._gathered.get(n)
@@ -114,30 +149,46 @@ class Worker:
         if len(idx) == 0:                  # a short last batch can leave a worker nothing
             self.grad[...] = 0
             return self.grad
-        if xp is not np:
-            idx = xp.asarray(idx)
+        measure = self.measures(batch.step)
+        if measure and self.num_workers == 1 and len(idx) >= 2:
+            self._two_halves(theta, *self._gather(idx))
+        else:
+            self.compute_rows(theta, idx)
+            if measure:
+                self.norms.add_shard(squared_norm(xp, self.grad), len(idx))
+        self.count += len(idx)
+        return self.grad
+
+    def _gather(self, idx):
+        """Rows ``idx`` of the training split into buffers kept per shard size."""
+        xp = self.xp
         x, t, labels = self._gather_buffers(len(idx))
-        # into buffers kept per shard size; NumPy's mode="clip" gathers unbuffered (the
-        # indices are valid); CuPy's take has no mode and never buffers
+        # NumPy's mode="clip" gathers unbuffered (the indices are valid); CuPy's take has no
+        # mode and never buffers
         kw = {"mode": "clip"} if xp is np else {}
-        if isinstance(self.x, ByteImages):
+        if isinstance(self.x, (ByteImages, DeviceByteImages)):
             self.x.take(idx, x, self._take_rows)
         else:
             xp.take(self.x, idx, axis=0, out=x, **kw)
         xp.take(self.t, idx, axis=0, out=t, **kw)
         if labels is not None:
             xp.take(self.labels, idx, axis=0, out=labels, **kw)
-        measure = self.measures(batch.step)
-        if measure and self.num_workers == 1 and len(idx) >= 2:
-            self._two_halves(theta, x, t, labels)
-        else:
-            self._accumulate(*self.model.loss_and_grad(self.params(theta), self.grad_views, x, t, labels))
-            if measure:
-                self.norms.add_shard(squared_norm(xp, self.grad), len(idx))
-        self.count += len(idx)
+        return x, t, labels
+
+    def compute_rows(self, theta, idx):
+        """ΔΘ summed over the rows ``idx`` (where the data lives), the loss and right answers
+        added to the running totals: device work only, so a CUDA graph can capture it (the
+        caller counts the samples)."""
+        x, t, labels = self._gather(idx)
+        self._accumulate(*self.model.loss_and_grad(self.params(theta), self.grad_views, x, t, labels))
         return self.grad
 
     def _accumulate(self, loss, correct):
+        if self._totals is not None:       # in place on the device: no sync, no allocation
+            self.xp.add(self._totals[0:1], loss, out=self._totals[0:1])
+            if correct is not None:
+                self.xp.add(self._totals[1:2], correct, out=self._totals[1:2])
+            return
         self.loss_sum += loss.astype(np.float64)   # float32 sums drift over an epoch
         if correct is not None:
             self.correct += correct

@@ -20,6 +20,7 @@ from ..kernel_warmup import warm_up
 from ..optim import OPTIMIZERS, learning_rate
 from ..parallel import make_backend
 from ..parallel.backend import Totals
+from ..parallel.devices import check_gpu_fits
 from ..parallel.launch import RESTARTED_BY_LAUNCHER
 from ..parallel.resources import check_memory, note, workers_on_this_node
 from .adaptive import AdaptiveBatch
@@ -110,6 +111,10 @@ class Trainer:
         buffers = OPTIMIZERS.get(job.optimizer.name).buffers
         checkpointer = Checkpointer(job, self.ckpt_dir, self.model.layout, buffers)
         # everything that needs no engine is checked before one starts
+        if job.scaling.use_gpu and job.scaling.backend == "local":
+            # MPI's launcher checks before it starts the ranks; a rank must not touch a GPU
+            # before it knows which one is its own
+            check_gpu_fits(job, self.model, len(buffers), data, job.scaling.num_workers)
         check_memory(job, self.model, len(buffers), workers_on_this_node(job))
         check_run_dir(self.out_dir, self.resume, self.require_checkpoint)
         self.failures, limit = 0, job.failure.max_failures
