@@ -21,9 +21,27 @@ from .objectives import make_objective
 ORDER = "F"
 
 
-def _fused_module():
-    from . import layer_kernels  # imports numba: only when the numba kernels were chosen
-    return layer_kernels
+def _fused_module(xp, kernels: str, dtype):
+    """The module of fused twins for this array module and dtype, or None (generic xp code)."""
+    if dtype != np.float32:
+        return None
+    if xp is not np:
+        from . import cuda_layer_kernels  # CUDA C twins; CuPy itself is imported on first launch
+        return cuda_layer_kernels
+    if kernels == "numba":
+        from . import layer_kernels  # imports numba: only when the numba kernels were chosen
+        return layer_kernels
+    return None
+
+
+def _matmul(xp, a, b, out):
+    """``out = a·b``. CuPy writes a product only into a C-ordered ``out`` (an F-ordered one gets
+    a temporary and a copy), so on a GPU an F-ordered ``out`` is written as its C-ordered
+    transpose, ``outᵀ = bᵀ·aᵀ``: one cuBLAS call on the same buffers, no copy."""
+    if xp is not np and out.flags.f_contiguous and not out.flags.c_contiguous:
+        xp.matmul(b.T, a.T, out=out.T)
+    else:
+        xp.matmul(a, b, out=out)
 
 
 class MLP:
@@ -34,14 +52,15 @@ class MLP:
 
     def __init__(self, cfg, xp=np, dtype=np.float32, kernels: str = "numpy"):
         """``cfg`` is the job spec's model section (:class:`distffn.jobspec.ModelConfig`);
-        ``kernels``: ``numpy`` or ``numba`` (the fused twins of ``nn/layer_kernels.py``, NumPy only)."""
+        ``kernels``: ``numpy`` or ``numba`` (the fused twins of ``nn/layer_kernels.py``, NumPy only);
+        with CuPy and float32 the CUDA twins of ``nn/cuda_layer_kernels.py`` run regardless."""
         self.cfg, self.xp, self.dtype = cfg, xp, dtype
         self.sizes = list(cfg.layers)
         self.hidden: Activation = make_activation(cfg)
         self.objective = make_objective(cfg)
         self.kernels = kernels if xp is np else "numpy"
         # the fused twins (bias + activation, its backward with db; the loss) where they exist
-        self._fused = _fused_module() if self.kernels == "numba" and dtype == np.float32 else None
+        self._fused = _fused_module(xp, self.kernels, dtype)
         self._fused_hidden = self._fused and self._fused.hidden_twin(self.hidden)
         self._fused_loss = self._fused and self._fused.loss_twin(self.objective)
         shapes = []
@@ -55,6 +74,7 @@ class MLP:
         self.layout = ParamLayout(shapes)
         self._keys = [(f"W{i}", f"b{i}", f"alpha{i}") for i in range(len(self.sizes) - 1)]
         self._buffers: dict[int, dict] = {}
+        self._totals = None     # CuPy: the device (loss sum, correct) the loss twin adds into
 
     @property
     def num_layers(self) -> int:
@@ -108,7 +128,7 @@ class MLP:
         a, last = x, self.num_layers - 1
         for i, (w, b, alpha) in enumerate(self._keys):
             z = buf["z"][i]
-            xp.matmul(a, params[w], out=z)
+            _matmul(xp, a, params[w], out=z)
             if i < last and self._fused_hidden is not None:
                 self._fused_hidden[0](z, params[b], buf["a"][i])      # z keeps no bias
             else:
@@ -126,10 +146,17 @@ class MLP:
         """(loss sum, correct or None) of the output layer; ``dz`` gets dL/dz unless None."""
         if self._fused_loss is not None:
             want_grad, want_correct = dz is not None, labels is not None
-            loss, correct = self._fused_loss(
-                logits, t, dz if want_grad else self._buffers[logits.shape[0]]["dz"][-1],
-                labels if want_correct else t, want_grad, want_correct)
-            return np.float64(loss), (correct if want_correct else None)
+            args = (logits, t, dz if want_grad else self._buffers[logits.shape[0]]["dz"][-1],
+                    labels if want_correct else t, want_grad, want_correct)
+            if self.xp is np:
+                loss, correct = self._fused_loss(*args)
+                return np.float64(loss), (correct if want_correct else None)
+            # on the device, without a sync: views of one buffer, valid until the next call
+            if self._totals is None:
+                self._totals = self.xp.zeros(2, np.float64)
+            self._totals.fill(0)
+            self._fused_loss(*args, self._totals)
+            return self._totals[0], (self._totals[1] if want_correct else None)
         xp = self.xp
         loss = self.objective.loss_and_grad(xp, logits, t, dz)
         return loss, (self.objective.correct(xp, logits, labels) if labels is not None else None)
@@ -139,7 +166,9 @@ class MLP:
 
         Writes ``dL/dθ`` summed over the rows of ``x`` into ``grads`` (views of the flat
         gradient buffer) and returns ``(loss_sum, correct)`` as device scalars
-        (``correct`` is None without labels).
+        (``correct`` is None without labels). With CuPy's float32 twins they are float64 0-d
+        views of one device buffer that the next call overwrites (in stream order): use or
+        copy them before calling again.
         """
         xp = self.xp
         n = x.shape[0]
@@ -152,7 +181,7 @@ class MLP:
             w, b, _ = keys[i]
             a_prev = x if i == 0 else buf["a"][i - 1]
             # dW = Xᵀ·dZ, db = column sums of dZ: sums over the shard's samples
-            xp.matmul(a_prev.T, dz, out=grads[w])
+            _matmul(xp, a_prev.T, dz, out=grads[w])
             if fused_db:
                 pass                       # the fused backward summed db already
             elif self._fused is not None:
@@ -162,7 +191,7 @@ class MLP:
             if i == 0:
                 break                      # no dX for the input layer
             da = buf["da"][i - 1]
-            xp.matmul(dz, params[w].T, out=da)                # dX = dZ·Wᵀ
+            _matmul(xp, dz, params[w].T, out=da)              # dX = dZ·Wᵀ
             alpha = keys[i - 1][2]
             if alpha in grads:
                 grads[alpha][...] = 0
