@@ -122,13 +122,19 @@ class MLP:
         return buf
 
     # ---------------------------------------------------------------- passes
+    def matmul(self, a, b, out):
+        """``out = a·b``: every product of the passes. A GPU step captured as a CUDA graph
+        replaces it on the instance with its own cuBLAS call (``Cublas.matmul``, same signature)."""
+        _matmul(self.xp, a, b, out)
+        return out
+
     def forward(self, params: dict, x):
         """Logits of the last layer for inputs ``x`` (rows are samples)."""
         xp, buf = self.xp, self._work(x.shape[0])
         a, last = x, self.num_layers - 1
         for i, (w, b, alpha) in enumerate(self._keys):
             z = buf["z"][i]
-            _matmul(xp, a, params[w], out=z)
+            self.matmul(a, params[w], z)
             if i < last and self._fused_hidden is not None:
                 self._fused_hidden[0](z, params[b], buf["a"][i])      # z keeps no bias
             else:
@@ -181,7 +187,7 @@ class MLP:
             w, b, _ = keys[i]
             a_prev = x if i == 0 else buf["a"][i - 1]
             # dW = Xᵀ·dZ, db = column sums of dZ: sums over the shard's samples
-            _matmul(xp, a_prev.T, dz, out=grads[w])
+            self.matmul(a_prev.T, dz, grads[w])
             if fused_db:
                 pass                       # the fused backward summed db already
             elif self._fused is not None:
@@ -191,7 +197,7 @@ class MLP:
             if i == 0:
                 break                      # no dX for the input layer
             da = buf["da"][i - 1]
-            _matmul(xp, dz, params[w].T, out=da)              # dX = dZ·Wᵀ
+            self.matmul(dz, params[w].T, da)                  # dX = dZ·Wᵀ
             alpha = keys[i - 1][2]
             if alpha in grads:
                 grads[alpha][...] = 0
