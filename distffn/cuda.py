@@ -9,7 +9,9 @@ compiled binary on disk (``~/.cupy/kernel_cache``), so a machine compiles each o
 rounds once where NumPy rounds twice. Without contraction every float32 ``+ - * /`` and
 ``sqrtf`` is IEEE-rounded as NumPy's, so a kernel that does its twin's operations in its
 twin's order gives its twin's bits (``exp``/``log`` excepted: CUDA's differ from glibc's by
-an ulp or two).
+an ulp or two) for every normal float32. CuPy appends :data:`CUPY_OPTIONS` to every source's
+options, ``-ftz=true`` last (it wins over a source's own ``-ftz=false``): float32 operands and
+results below 2**-126 (subnormals) are flushed to zero, where NumPy keeps them.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ import functools
 from dataclasses import dataclass
 
 DEFAULT_OPTIONS = ("--std=c++14", "--fmad=false")
+# What cupy.RawModule adds to a source's options (cupy/cuda/compiler.py, CuPy 14; besides the
+# architecture), so that a test compiles what CuPy compiles.
+CUPY_OPTIONS = ("--device-as-default-execution-space", "-ftz=true")
 
 
 @dataclass(frozen=True)

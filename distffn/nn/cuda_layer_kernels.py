@@ -10,7 +10,8 @@ buffers, where column ``j`` of an ``(n, units)`` buffer is contiguous:
   ``dz = p − onehot(t)`` and the count of rows classified right, added into a device buffer.
 
 float32 ``+ − * /`` are compiled without contraction (``distffn.cuda.DEFAULT_OPTIONS``), in the
-twins' order, so ``a`` and ``dz`` of the hidden layers are the twins' bits. ``exp`` and ``log``
+twins' order, so ``a`` and ``dz`` of the hidden layers are the twins' bits (for normal floats:
+CuPy flushes subnormals, ``distffn.cuda.CUPY_OPTIONS``). ``exp`` and ``log``
 are evaluated in double and rounded once to float32 — the correctly rounded value in all but
 astronomically rare cases, which glibc's ``expf``/``logf`` (the twins') also return nearly
 always, where CUDA's ``expf`` is off by up to 2 ulp.
