@@ -42,7 +42,7 @@ def _f32_literal(x: float) -> str:
 
 
 SOURCE = r"""
-#define THREADS 256
+#define THREADS @THREADS@
 #define P_LO @P_LO@
 #define P_HI @P_HI@
 
@@ -180,7 +180,8 @@ __global__ void softmax_xent_total(const double* __restrict__ rows, double* __re
 }
 
 }  // extern "C"
-""".replace("@P_LO@", _f32_literal(P_CLIP[0])).replace("@P_HI@", _f32_literal(P_CLIP[1]))
+""".replace("@THREADS@", str(THREADS)).replace("@P_LO@", _f32_literal(P_CLIP[0])) \
+   .replace("@P_HI@", _f32_literal(P_CLIP[1]))
 
 ENTRIES = ("bias_relu", "bias_add", "relu_backward", "column_sums", "softmax_xent_rows",
            "softmax_xent_total")
