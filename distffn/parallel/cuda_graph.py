@@ -103,7 +103,8 @@ class GraphedSteps:
             grad.fill(0)
             for w in be.workers:
                 lo, hi = w.shard_range(len(g.idx))
-                grad += w.compute_rows(theta, g.idx[lo:hi])
+                if hi > lo:                 # a batch smaller than the workers leaves some none
+                    grad += w.compute_rows(theta, g.idx[lo:hi])
         be.aggregator.optimizer.launch(theta, grad)
 
     def _account(self, batch):

@@ -48,6 +48,8 @@ class Worker:
         else:
             self.x = xp.asarray(x_train)
         self.t, self.labels = xp.asarray(t_train), (None if labels_train is None else xp.asarray(labels_train))
+        if xp is not np and self.labels is not None:
+            self.labels = self.labels.astype(np.int64, copy=False)   # the CUDA loss kernel's type
         self._take_rows = _take_rows_kernel() if isinstance(self.x, ByteImages) and self.model.kernels == "numba" else None
         if xp is not np:
             from .. import cuda
