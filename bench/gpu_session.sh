@@ -18,7 +18,9 @@
 # ran out of time, the pytest tally, the bench's failure line, the ΔΘ lines), env.log,
 # pytest.log, pytest-junit.xml, bench.log, bench_gpu.json, mpi.log: 7 files, within the
 # device tool's 8 that come back. LIMIT_PYTEST, LIMIT_BENCH and LIMIT_MPI (seconds) override
-# the step limits (the bench's own --budget-s is its limit less 40 s).
+# the step limits (the bench's own --budget-s is its limit less 40 s); MPI_GPU=false runs the
+# MPI checks on the CPU (a dry run of their plumbing: `OUT=/tmp/x MPI_GPU=false bash
+# bench/gpu_session.sh --mpi-checks`).
 #
 # The carried folder. The GPU machine has no Fashion-MNIST and no network. Before the call,
 # once, in the repository root on this machine:
@@ -55,7 +57,7 @@ mpi_checks() {
     local tmp job rc=0
     tmp=$(mktemp -d /tmp/gpu-mpi.XXXXXX)
     job=(jobs/fashion-mnist-mlp.yaml --set training.epochs=1 --set data.limit_train=4096
-         --set training.batch_size=256 --set scaling.use_gpu=true --set scaling.backend=mpi --no-progress)
+         --set training.batch_size=256 --set scaling.use_gpu="${MPI_GPU:-true}" --set scaling.backend=mpi --no-progress)
     for cfg in "1 allreduce" "2 allreduce" "2 central"; do
         set -- $cfg
         local name="n$1-$2" t0 r
