@@ -128,7 +128,7 @@ step() {
 }
 
 : > "$SUMMARY"
-echo "gpu_session.sh on $(hostname) at $(date -u +%FT%TZ), git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')" >> "$SUMMARY"
+echo "gpu_session.sh on ${HOSTNAME:-?} at $(date -u +%FT%TZ), git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')" >> "$SUMMARY"
 
 # Fashion-MNIST: the system folder, else the carried copy
 FM=/usr/share/datasets/fashion-mnist
