@@ -28,6 +28,13 @@
 #     grep -qx '/gpu-carry/' .git/info/exclude 2>/dev/null || echo '/gpu-carry/' >> .git/info/exclude
 #     mkdir -p gpu-carry/fashion-mnist
 #     cp /usr/share/datasets/fashion-mnist/*-ubyte.gz gpu-carry/fashion-mnist/   # 4 files, 30 MB
+#     mkdir -p gpu-carry/wheels && cd gpu-carry/wheels
+#     pip download --no-deps pytest pluggy iniconfig packaging pygments exceptiongroup tomli
+#     for v in 310 311 312 313; do pip download --no-deps --only-binary=:all: --python-version $v \
+#         --platform manylinux2014_x86_64 pyyaml; done                            # 4 MB
+#
+# (the device machine has NumPy, numba, CuPy, PyTorch and mpi4py, maybe not PyYAML or pytest;
+# the GPU tests use Fashion-MNIST only, so scikit-learn is not needed there)
 #
 # and name "gpu-carry" in the run's carry. When /usr/share/datasets/fashion-mnist lacks the
 # files, this script sets DISTFFN_DATA=<repo>/gpu-carry (distffn reads $DISTFFN_DATA/fashion-mnist).
@@ -141,6 +148,19 @@ else
     echo "data: NO Fashion-MNIST (neither $FM nor gpu-carry/fashion-mnist: carry gpu-carry, see the top of this script); the bench and MPI steps will fail" >> "$SUMMARY"
 fi
 
+# PyYAML and pytest, where the device machine lacks them: from the carried wheels into a folder
+# of the checkout's own (no network there, and the system Python may refuse pip installs)
+if ! "$PY" -c "import yaml, pytest" 2>/dev/null; then
+    if [ -d "$REPO/gpu-carry/wheels" ]; then
+        "$PY" -m pip install -q --no-index --find-links "$REPO/gpu-carry/wheels" \
+            --target "$REPO/gpu-carry/site" pyyaml pytest 2>&1 | tail -3
+        export PYTHONPATH="$PYTHONPATH:$REPO/gpu-carry/site"
+        echo "deps: pyyaml and pytest from gpu-carry/wheels" >> "$SUMMARY"
+    else
+        echo "deps: PyYAML or pytest MISSING and no gpu-carry/wheels (see the top of this script)" >> "$SUMMARY"
+    fi
+fi
+
 step env 30 bash -c '
     nvidia-smi || echo "nvidia-smi: not available"
     "$0" -c "
@@ -172,7 +192,8 @@ except Exception as e:
     echo "mpiexec: $(command -v mpiexec || echo "not on PATH")"; mpiexec --version 2>&1 | head -2
 ' "$PY"
 
-step pytest "${LIMIT_PYTEST:-180}" "$PY" -m pytest -m gpu -q -rA tests -p no:cacheprovider --continue-on-collection-errors \
+step pytest "${LIMIT_PYTEST:-180}" "$PY" -m pytest -m gpu -q -rA tests/gpu tests/optim/test_momentum.py \
+    -p no:cacheprovider --continue-on-collection-errors \
     --junitxml="$OUT/pytest-junit.xml"
 tally=$(grep -E '^=*.*[0-9]+ (passed|failed|skipped|deselected|errors?)|no tests ran' "$OUT/pytest.log" | tail -1)
 printf '         pytest: %s\n' "${tally:-no tally (pytest did not finish)}" >> "$SUMMARY"

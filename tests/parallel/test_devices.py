@@ -19,7 +19,8 @@ from distffn.parallel.devices import (
     sharing_note,
 )
 from distffn.parallel.host_staging import HostStaging
-from tests.helpers import user_error, write_job
+
+from helpers import user_error, write_job
 
 
 @pytest.mark.parametrize("ranks, gpus, expect", [
