@@ -17,19 +17,12 @@ from __future__ import annotations
 import numpy as np
 
 
-class ByteImages:
-    """uint8 ``codes`` (n, d) standing for ``(code / 255 − mean) / std`` in float32."""
+class _CodedRows:
+    """What reads like the float32 (n, d) array that ``codes`` and ``table`` stand for."""
 
     dtype = np.dtype(np.float32)
     ndim = 2
-
-    def __init__(self, codes: np.ndarray, mean=0.0, std=1.0):
-        if codes.dtype != np.uint8 or codes.ndim != 2:
-            raise ValueError(f"codes: expected a 2-D uint8 array, got {codes.dtype} {codes.shape}")
-        self.codes = codes
-        self.mean, self.std = np.float32(mean), np.float32(std)
-        # (c / 255 − 0) / 1 is c / 255 exactly: the unnormalised values need no special case
-        self.table = (np.arange(256, dtype=np.float32) / np.float32(255) - self.mean) / self.std
+    codes = table = None
 
     @property
     def shape(self) -> tuple:
@@ -41,6 +34,18 @@ class ByteImages:
 
     def __len__(self) -> int:
         return self.codes.shape[0]
+
+
+class ByteImages(_CodedRows):
+    """uint8 ``codes`` (n, d) standing for ``(code / 255 − mean) / std`` in float32."""
+
+    def __init__(self, codes: np.ndarray, mean=0.0, std=1.0):
+        if codes.dtype != np.uint8 or codes.ndim != 2:
+            raise ValueError(f"codes: expected a 2-D uint8 array, got {codes.dtype} {codes.shape}")
+        self.codes = codes
+        self.mean, self.std = np.float32(mean), np.float32(std)
+        # (c / 255 − 0) / 1 is c / 255 exactly: the unnormalised values need no special case
+        self.table = (np.arange(256, dtype=np.float32) / np.float32(255) - self.mean) / self.std
 
     def __getitem__(self, rows):
         """Rows (a slice, or an index array as a split takes them), still as bytes."""
@@ -92,30 +97,16 @@ class ByteImages:
         return bool(np.isfinite(self.table).all())
 
 
-class DeviceByteImages:
+class DeviceByteImages(_CodedRows):
     """:class:`ByteImages` moved to a GPU once: the uint8 codes and the 256-entry table in
     device memory, rows gathered and decoded there by one CUDA kernel (bit for bit the
     host's values: the same table)."""
-
-    dtype = np.dtype(np.float32)
-    ndim = 2
 
     def __init__(self, images: ByteImages, xp):
         self.codes = xp.asarray(np.ascontiguousarray(images.codes))
         self.table = xp.asarray(images.table)
         from .cuda_gather_kernels import take_rows  # CuPy's kernels: only on a GPU run
         self._take_rows = take_rows
-
-    @property
-    def shape(self) -> tuple:
-        return self.codes.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.codes.nbytes + self.table.nbytes
-
-    def __len__(self) -> int:
-        return self.codes.shape[0]
 
     def take(self, idx, out, kernel=None):
         """Rows ``idx`` (device int64) decoded into the device float32 buffer ``out``."""
